@@ -1,0 +1,92 @@
+"""Evaluation of a (frozen) encoder: linear probe re-fit on its features, clean and robust accuracy.
+
+Protocol: features of a fixed training subset -> a multinomial logistic-regression probe (full batch,
+standardised features, folded back into one ``nn.Linear`` so the attack sees a plain linear head on the
+raw encoder). Then on a fixed held-out subset: clean accuracy, and robust accuracy under APGD-CE
+(``n_iter`` steps) and, when ``n_targets > 0``, APGD-T with the targeted DLR loss over the top
+``n_targets`` classes, worst case per sample. ``eval.head = "fixed"`` uses a given head instead of a probe.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor, nn
+
+from advft.attacks import robust_correct
+from advft.distributed import autocast
+
+Batches = Callable[[], Iterable[tuple[Tensor, Tensor]]]
+
+
+@torch.no_grad()
+def extract_features(encoder: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device,
+                     precision: str = "fp32") -> tuple[Tensor, Tensor]:
+    """Features (N, D) in fp32 and labels (N,), on ``device``; the encoder must already be in eval mode."""
+    feats, labels = [], []
+    for x, y in batches:
+        with autocast(device, precision):
+            feats.append(encoder(x.to(device)).float())
+        labels.append(y.to(device))
+    return torch.cat(feats), torch.cat(labels)
+
+
+def fit_probe(feats: Tensor, labels: Tensor, n_classes: int, epochs: int = 100, lr: float = 0.1,
+              weight_decay: float = 1e-4) -> nn.Linear:
+    """Multinomial logistic regression on standardised features, returned as ONE linear layer on the raw
+    features (standardisation folded in). Zero init + full-batch Adam: deterministic, no RNG."""
+    mu = feats.mean(0)
+    sd = feats.std(0).clamp_min(1e-6)
+    fn = (feats - mu) / sd
+    w = torch.zeros(n_classes, feats.shape[1], device=feats.device, requires_grad=True)
+    b = torch.zeros(n_classes, device=feats.device, requires_grad=True)
+    opt = torch.optim.Adam([w, b], lr=lr)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            loss = nn.functional.cross_entropy(fn @ w.t() + b, labels) + weight_decay * w.pow(2).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    head = nn.Linear(feats.shape[1], n_classes).to(feats.device)
+    with torch.no_grad():
+        head.weight.copy_(w / sd)
+        head.bias.copy_(b - (w / sd) @ mu)
+    return head.requires_grad_(False)
+
+
+def evaluate(encoder: nn.Module, probe_data: Batches, test_data: Batches, *, cfg: Any,
+             device: torch.device, n_iter: int, n_targets: int = 0, head: nn.Module | None = None,
+             seed: int = 0) -> dict[str, Any]:
+    """Clean and robust accuracy (in %, on the test subset) of a probe (or the fixed ``head``) on ``encoder``.
+
+    ``cfg`` is the run's Config: eps (attack.eps, 1/255 units), precision, probe epochs are read from it.
+    """
+    encoder.eval()
+    precision = cfg.run.precision
+    out: dict[str, Any] = {}
+    if head is None:
+        f, y = extract_features(encoder, probe_data(), device, precision)
+        # classes = largest label + 1 of the probe set (no dataset metadata needed for ffcv/dali files)
+        head = fit_probe(f, y, int(y.max()) + 1, epochs=cfg.eval.probe_epochs)
+        out["probe_train_acc"] = 100.0 * (head(f).argmax(1) == y).float().mean().item()
+        out["probe_n"] = int(y.numel())
+
+    def logits(x: Tensor) -> Tensor:
+        with autocast(device, precision):
+            return head(encoder(x)).float()
+
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed + 12345)
+    n = clean = robust = 0
+    for x, y in test_data():
+        x, y = x.to(device), y.to(device)
+        with torch.no_grad():
+            clean += int((logits(x).argmax(1) == y).sum())
+        with torch.enable_grad():
+            robust += int(robust_correct(logits, x, y, eps=cfg.attack.eps_pixels, n_iter=n_iter,
+                                         n_targets=n_targets, generator=gen).sum())
+        n += int(y.numel())
+    out.update({"clean_acc": 100.0 * clean / max(n, 1), "robust_acc": 100.0 * robust / max(n, 1), "n_test": n,
+                "attack": f"apgd-ce{n_iter}" + (f"+apgd-t{n_iter}x{n_targets}" if n_targets else ""),
+                "eps": cfg.attack.eps})
+    return out

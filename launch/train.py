@@ -1,0 +1,74 @@
+#!/usr/bin/env python
+"""Run ONE fine-tuning run: ``python launch/train.py jobs/demo.toml [--set key=value ...]``.
+
+Works as a single process or under torchrun / ``accelerate launch`` / srun: the distributed setup is read
+from the environment (on CPU, set ACCELERATE_USE_CPU=1 for several gloo ranks). The run lives in
+``<run.root>/<run.name>/`` and resumes itself from there when started again; rerunning a finished run does
+nothing. Exit codes: 0 done, 2 bad input (one line on stderr), 3 training failed (non-finite loss),
+4 checkpoint write failed, 75 interrupted on request (checkpoint written; rerun to resume).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="launch/train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="keys: " + "the sections data, model, attack, loss, optim, eval, run (see advft/config.py); "
+               "aliases: alpha = loss.alpha, lr = optim.lr. Example: --set alpha=0.1 --set optim.steps=200")
+    p.add_argument("job", help="TOML job file, e.g. jobs/demo.toml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value (repeatable)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args = p.parse_args(argv)
+
+    from advft import config as C
+
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[%(asctime)s r{rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    try:
+        cfg = C.load(args.job, args.overrides)
+        if args.print_config:
+            print(C.to_toml(cfg), end="")
+            return 0
+        C.validate(cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    except C.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    from advft.checkpoint import CheckpointError
+    from advft.models import CheckpointFormatError
+    from advft.train import Interrupted, NonFiniteLossError, finetune
+
+    try:
+        res = finetune(cfg)
+    except (C.ConfigError, CheckpointFormatError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLossError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 75
+    if rank == 0:
+        i, f = res.get("initial") or {}, res.get("final") or {}
+        print(f"run {cfg.run.dir}: clean {i.get('clean_acc', float('nan')):.1f} -> {f.get('clean_acc', float('nan')):.1f} %, "
+              f"robust {i.get('robust_acc', float('nan')):.1f} -> {f.get('robust_acc', float('nan')):.1f} % "
+              f"({f.get('attack', '?')}, eps {cfg.attack.eps:g}/255); results in {cfg.run.dir / 'results.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

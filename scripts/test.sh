@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The test command: sets everything up (venv, FFCV/DALI, a local SLURM cluster) and runs the whole suite.
+# Usage: bash scripts/test.sh [pytest args...]      e.g. bash scripts/test.sh -k attacks
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh --extras
+started_slurm=0
+if [ "${ADVFT_SKIP_SLURM:-0}" != "1" ]; then
+  if bash slurm/local-cluster.sh up; then started_slurm=1; else echo "[test] local SLURM cluster failed to start" >&2; fi
+fi
+cleanup() { if [ "$started_slurm" = 1 ]; then bash slurm/local-cluster.sh down || true; fi; }
+trap cleanup EXIT
+export WANDB_MODE=disabled
+set +e
+.venv/bin/python -m pytest "$@"
+rc=$?
+set -e
+if [ $rc -eq 5 ]; then echo "[test] pytest collected no tests: failing" >&2; exit 1; fi
+exit $rc
