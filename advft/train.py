@@ -285,6 +285,11 @@ def finetune(cfg: C.Config, *, should_stop: Callable[[], bool] | None = None, gr
                 raise Interrupted(done)
         # ---- end: final checkpoint, evaluations, invariants ----
         save(steps)
+    except NonFiniteLossError as e:
+        if is_main:  # the sweep reads this to mark the run failed; a rerun resumes from the last good checkpoint
+            results.update({"status": "failed", "error": str(e), "failed_step": e.step})
+            tracking.write_json(results_path, results)
+        raise
     finally:
         if pbar is not None:
             pbar.close()

@@ -1,0 +1,49 @@
+"""Shared fixtures: a tiny base encoder file and a fast job config rooted in a temp folder."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("WANDB_MODE", "disabled")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def require_or_skip(flag_env: str, available: bool, what: str) -> None:
+    """Skip when an optional part is missing, unless CI demands it (then the missing part is a failure)."""
+    if available:
+        return
+    if os.environ.get(flag_env) == "1":
+        pytest.fail(f"{what} is required here ({flag_env}=1) but not available")
+    pytest.skip(f"{what} not available")
+
+
+@pytest.fixture(scope="session")
+def base_encoder(tmp_path_factory) -> Path:
+    """A tiny CIFAR-stem encoder (random init, fixed seed) saved in advft's exported-encoder format."""
+    from advft.models import build_encoder, encoder_state_dict
+
+    torch.manual_seed(0)
+    enc = build_encoder("tiny", "cifar")
+    path = tmp_path_factory.mktemp("base") / "encoder.pt"
+    torch.save({"format": "advft-encoder", "model": encoder_state_dict(enc), "arch": "tiny", "stem": "cifar",
+                "normalize": "none"}, path)
+    return path
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, base_encoder):
+    """The tests' tiny job (jobs/test_tiny.toml) with its run folder under tmp_path; extra --set items allowed."""
+    from advft import config as C
+
+    def make(*sets: str, name: str = "t"):
+        return C.load(ROOT / "jobs" / "test_tiny.toml",
+                      [f"model.checkpoint={base_encoder}", f"run.root={tmp_path / 'runs'}",
+                       f"run.name={name}", f"data.path={tmp_path / 'cache'}", *sets])
+
+    return make

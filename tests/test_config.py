@@ -1,0 +1,119 @@
+"""Config: TOML + --set overrides, aliases, types, validation errors, round trip."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from advft import config as C
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_match_the_report_recipe():
+    cfg = C.Config()
+    assert cfg.attack.eps == 8 and cfg.attack.steps == 10 and cfg.attack.name == "apgd"
+    assert cfg.optim.betas == (0.9, 0.95) and cfg.optim.weight_decay == 1e-4
+    assert cfg.optim.warmup_steps == 1400 and cfg.optim.steps == 20000
+    assert cfg.data.batch_size == 256 and cfg.optim.lr == 1e-4
+    assert cfg.attack.eps_pixels == pytest.approx(8 / 255)
+
+
+def test_aliases_and_overrides_are_typed():
+    cfg = C.load(None, ["alpha=0.5", "lr=3e-4", "optim.betas=0.8,0.9", "run.compile=true", "optim.steps=1e3"])
+    assert cfg.loss.alpha == 0.5 and cfg.optim.lr == 3e-4
+    assert cfg.optim.betas == (0.8, 0.9) and cfg.run.compile is True and cfg.optim.steps == 1000
+    assert isinstance(cfg.optim.steps, int)
+
+
+def test_toml_round_trip(tmp_path):
+    cfg = C.load(ROOT / "jobs" / "test_tiny.toml", ["alpha=1"])
+    C.write(cfg, tmp_path / "config.toml")
+    again = C.load(tmp_path / "config.toml")
+    assert again == cfg and again.hash() == cfg.hash()
+
+
+def test_hash_ignores_run_name_but_not_hyperparameters():
+    a = C.load(None, ["run.name=a"])
+    assert a.hash() == C.load(None, ["run.name=b"]).hash()
+    assert a.hash() != C.load(None, ["alpha=1"]).hash()
+
+
+@pytest.mark.parametrize("item, needle", [
+    (["optim.lrr=1"], "did you mean 'optim.lr'"),
+    (["alpah=1"], "did you mean 'alpha'"),
+    (["nosection=1"], "unknown config key"),
+    (["lr"], "KEY=VALUE"),
+    (["optim.steps=ten"], "optim.steps: expected an integer"),
+    (["optim.steps=1.5"], "optim.steps: expected an integer"),
+    (["loss.alpha=abc"], "loss.alpha: expected a number"),
+    (["run.compile=maybe"], "run.compile: expected true or false"),
+    (["optim.betas=0.9"], "optim.betas: expected 2 numbers"),
+])
+def test_type_and_key_errors(item, needle):
+    with pytest.raises(C.ConfigError, match=needle.replace("(", r"\(").replace("'", "'")):
+        C.load(None, item)
+
+
+def test_unknown_section_and_bad_toml(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[optimm]\nlr = 1\n")
+    with pytest.raises(C.ConfigError, match="unknown config section 'optimm'; did you mean"):
+        C.load(bad)
+    bad.write_text("[optim\nlr = 1\n")
+    with pytest.raises(C.ConfigError, match="not valid TOML"):
+        C.load(bad)
+    with pytest.raises(C.ConfigError, match="job file not found"):
+        C.load(tmp_path / "missing.toml")
+
+
+def _valid(tmp_path, *sets, world=1):
+    ck = tmp_path / "enc.pt"
+    ck.write_bytes(b"x")
+    cfg = C.load(None, [f"model.checkpoint={ck}", "data.batch_size=8", "data.synthetic_size=64", *sets])
+    return C.validate(cfg, world_size=world)
+
+
+def test_valid_config_passes(tmp_path):
+    _valid(tmp_path)
+
+
+@pytest.mark.parametrize("sets, needle", [
+    (["alpha=-0.1"], "loss.alpha = -0.1 must be >= 0"),
+    (["attack.eps=0"], r"attack.eps = 0.0 must be in \(0, 255\]"),
+    (["attack.eps=300"], r"attack.eps = 300.0 must be in \(0, 255\]"),
+    (["optim.warmup_steps=30", "optim.steps=20"], "optim.warmup_steps = 30 must be between 0 and optim.steps = 20"),
+    (["model.arch=vit"], "model.arch = 'vit' is not valid; choose one of"),
+    (["data.format=hdf5"], "data.format = 'hdf5' is not valid"),
+    (["lr=0"], "optim.lr = 0.0 must be > 0"),
+    (["run.name=../escape"], "run.name = '../escape' is not a valid name"),
+    (["run.name=a/b"], "is not a valid name"),
+    (["attack.objective=ce_head"], "needs model.head"),
+    (["data.format=folder", "data.path=/nonexistent/imagenet"], "data.path: /nonexistent/imagenet does not exist"),
+    (["data.format=cifar10"], "data.path is empty"),
+    (["model.checkpoint=/nonexistent/enc.pt"], "model.checkpoint: /nonexistent/enc.pt does not exist"),
+])
+def test_validation_errors(tmp_path, sets, needle):
+    with pytest.raises(C.ConfigError, match=needle):
+        _valid(tmp_path, *sets)
+
+
+def test_batch_must_divide_world_size(tmp_path):
+    with pytest.raises(C.ConfigError, match="data.batch_size = 8 is not divisible by the world size 3"):
+        _valid(tmp_path, world=3)
+    _valid(tmp_path, world=2)
+
+
+def test_missing_checkpoint_key(tmp_path):
+    cfg = C.load(None, ["data.batch_size=8", "data.synthetic_size=64"])
+    with pytest.raises(C.ConfigError, match="model.checkpoint is empty"):
+        C.validate(cfg)
+
+
+def test_every_job_file_parses():
+    jobs = sorted((ROOT / "jobs").glob("*.toml"))
+    assert jobs
+    for job in jobs:
+        if "pretrain" in job.name:
+            continue  # pretraining jobs have their own config (advft.pretrain)
+        C.validate(C.load(job), check_paths=False)
