@@ -116,4 +116,8 @@ def test_every_job_file_parses():
     for job in jobs:
         if "pretrain" in job.name:
             continue  # pretraining jobs have their own config (advft.pretrain)
-        C.validate(C.load(job), check_paths=False)
+        cfg = C.load(job)
+        try:
+            C.validate(cfg, check_paths=False)
+        except C.ConfigError as e:  # ffcv/dali jobs on a machine without them: the error names the fix
+            assert cfg.data.format in ("ffcv", "dali") and "scripts/install_extras.sh" in str(e), (job, e)
