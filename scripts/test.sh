@@ -6,7 +6,16 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh --extras
 started_slurm=0
 if [ "${ADVFT_SKIP_SLURM:-0}" != "1" ]; then
-  if bash slurm/local-cluster.sh up; then started_slurm=1; else echo "[test] local SLURM cluster failed to start" >&2; fi
+  # start the local one-node cluster unless one is already running (then leave it running afterwards)
+  if bash slurm/local-cluster.sh status >/dev/null 2>&1; then
+    echo "[test] local SLURM cluster already running" >&2
+  elif env_line=$(bash slurm/local-cluster.sh up); then
+    started_slurm=1
+  else
+    echo "[test] local SLURM cluster failed to start (SLURM tests will fail under ADVFT_REQUIRE_SLURM=1)" >&2
+  fi
+  env_file=${ADVFT_SLURM_STATE:-/var/lib/advft-slurm}/env.sh
+  if [ -f "$env_file" ]; then . "$env_file"; export SLURM_CONF; fi
 fi
 cleanup() { if [ "$started_slurm" = 1 ]; then bash slurm/local-cluster.sh down || true; fi; }
 trap cleanup EXIT
