@@ -17,13 +17,12 @@ No host synchronisation happens between log steps; non-finite losses are caught 
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -31,11 +30,9 @@ from torch import Tensor, nn
 from advft import checkpoint as ckpt
 from advft import config as C
 from advft import tracking
-from advft.attacks import apgd, ce_loss, embedding_loss, pgd
-from advft.distributed import autocast, make_accelerator
-from advft.losses import fare_loss
+from advft.distributed import make_accelerator
 from advft.models import Encoder, encoder_state_dict, load_encoder, load_head
-from advft.schedule import lr_factor
+from advft.step import StepModels, fare_step
 
 log = logging.getLogger(__name__)
 
@@ -55,38 +52,6 @@ class Interrupted(RuntimeError):
     def __init__(self, step: int):
         super().__init__(f"stopped at step {step} on request; checkpoint written, resume by rerunning")
         self.step = step
-
-
-@contextlib.contextmanager
-def frozen(module: nn.Module) -> Iterator[None]:
-    """Parameters stop requiring grad inside: backward through the module computes input grads only."""
-    flags = [p.requires_grad for p in module.parameters()]
-    module.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, f in zip(module.parameters(), flags):
-            p.requires_grad_(f)
-
-
-def step_generator(seed: int, step: int, device: torch.device, stream: int = 0) -> torch.Generator:
-    """A generator for one step's randomness, a pure function of (seed, step, stream)."""
-    g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + step * 7919 + stream * 104_729) % (2**63 - 1))
-    return g
-
-
-def attack_init(seed: int, step: int, global_shape: torch.Size, rank: int, world: int,
-                device: torch.device) -> Tensor:
-    """Uniform [-1,1] start offsets (units of eps) drawn for the GLOBAL batch; this rank's contiguous rows.
-
-    Drawing the global tensor on every rank costs little next to the attack and makes N ranks equal one
-    process with the same global batch.
-    """
-    g = step_generator(seed, step, device)
-    u = torch.rand(global_shape, generator=g, device=device).mul_(2).sub_(1)
-    b = global_shape[0] // world
-    return u[rank * b:(rank + 1) * b]
 
 
 def build_optimizer(params, cfg: C.OptimConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -145,8 +110,8 @@ def finetune(cfg: C.Config, *, should_stop: Callable[[], bool] | None = None, gr
     phi_org = load_encoder(cfg.model.checkpoint, arch=cfg.model.arch, stem=cfg.model.stem,
                            normalize=cfg.model.normalize).to(device)
     phi_org.eval().requires_grad_(False)
-    mf = torch.channels_last if cfg.run.channels_last else torch.preserve_format
-    phi_org = phi_org.to(memory_format=mf)
+    if cfg.run.channels_last:
+        phi_org = phi_org.to(memory_format=torch.channels_last)
     phi = copy.deepcopy(phi_org).requires_grad_(True)
     org_ref = {k: v.clone() for k, v in phi_org.state_dict().items()}  # checked unchanged at the end
     head = load_head(cfg.model.head, phi.feature_dim).to(device).requires_grad_(False) if cfg.model.head else None
@@ -173,7 +138,7 @@ def finetune(cfg: C.Config, *, should_stop: Callable[[], bool] | None = None, gr
     # ---- compile, then DDP (the plain `phi` is kept for saving, the attack uses the unwrapped callable) ----
     phi_fn: nn.Module = torch.compile(phi) if cfg.run.compile else phi
     phi_ddp = acc.prepare_model(phi_fn) if world > 1 else phi_fn
-    amp = lambda: autocast(device, cfg.run.precision)  # noqa: E731
+    models = StepModels(phi=phi, phi_fn=phi_fn, phi_ddp=phi_ddp, phi_org=phi_org, head=head)
 
     # ---- evaluation helper (rank 0; the others wait) ----
     probe_data, test_data = eval_data(cfg, device)
@@ -201,8 +166,6 @@ def finetune(cfg: C.Config, *, should_stop: Callable[[], bool] | None = None, gr
             tracking.write_json(results_path, results)
 
     loader = build_train_loader(cfg, rank=rank, world_size=world, start_step=start, device=device)
-    eps = cfg.attack.eps_pixels
-    attack = apgd if cfg.attack.name == "apgd" else pgd
     bad = torch.zeros((), dtype=torch.bool, device=device)  # device-side: no sync per step
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
     sums: dict[str, Tensor] = {}
@@ -226,34 +189,10 @@ def finetune(cfg: C.Config, *, should_stop: Callable[[], bool] | None = None, gr
     try:
         for step in range(start, steps):
             x, y = next(loader)
-            for g in opt.param_groups:
-                g["lr"] = cfg.optim.lr * lr_factor(step, cfg.optim.warmup_steps, steps, cfg.optim.min_lr_ratio)
-            with torch.no_grad(), amp():
-                target = phi_org(x).float()
-            if cfg.attack.objective == "ce_head":
-                fwd = lambda z: head(phi_fn(z))  # noqa: E731
-                loss_fn = ce_loss(y)
-            else:
-                fwd, loss_fn = phi_fn, embedding_loss(target)
-            init = attack_init(cfg.run.seed, step, torch.Size((cfg.data.batch_size, *x.shape[1:])), rank, world, device)
-            phi.eval()
-            with frozen(phi), amp():
-                z = attack(fwd, x, loss_fn, eps=eps, n_iter=cfg.attack.steps, init=init)
-            phi.train(bn_train)
-            with amp():
-                out = fare_loss(phi_ddp, z.contiguous(memory_format=mf), x, target, cfg.loss.alpha,
-                                cfg.loss.reduction)
-            loss = out["loss"]
-            if step == cfg.run.fail_at_step:  # fault injection (tests of the non-finite path)
-                loss = loss * float("nan")
-            nonfinite = ~torch.isfinite(loss.detach())
+            out = fare_step(models, opt, x, y, step, cfg, rank=rank, world=world)
+            nonfinite = ~torch.isfinite(out["loss"])
             first_bad = torch.where(nonfinite & ~bad, torch.tensor(step, device=device), first_bad)
             bad = bad | nonfinite
-            loss.backward()
-            if cfg.optim.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(phi.parameters(), cfg.optim.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
             for k, v in out.items():
                 sums[k] = sums.get(k, 0) + v.detach().float()
             n_sum += 1

@@ -9,7 +9,7 @@ if [ "${ADVFT_SKIP_SLURM:-0}" != "1" ]; then
   # start the local one-node cluster unless one is already running (then leave it running afterwards)
   if bash slurm/local-cluster.sh status >/dev/null 2>&1; then
     echo "[test] local SLURM cluster already running" >&2
-  elif env_line=$(bash slurm/local-cluster.sh up); then
+  elif bash slurm/local-cluster.sh up >/dev/null; then
     started_slurm=1
   else
     echo "[test] local SLURM cluster failed to start (SLURM tests will fail under ADVFT_REQUIRE_SLURM=1)" >&2

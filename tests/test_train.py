@@ -64,7 +64,9 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_cfg):
 
 def test_frozen_reference_unchanged_and_attack_leaves_no_grads(tiny_cfg, base_encoder, monkeypatch):
     seen = {}
-    orig = T.fare_loss
+    import advft.step as S
+
+    orig = S.fare_loss
 
     def spy(encoder, z, x, target, alpha, reduction="sum"):
         # the attack ran before this: no parameter may hold a gradient yet in this step
@@ -72,7 +74,7 @@ def test_frozen_reference_unchanged_and_attack_leaves_no_grads(tiny_cfg, base_en
         seen.setdefault("grads_before", []).append(all(p.grad is None for p in mod.parameters()))
         return orig(encoder, z, x, target, alpha, reduction)
 
-    monkeypatch.setattr(T, "fare_loss", spy)
+    monkeypatch.setattr(S, "fare_loss", spy)
     cfg = tiny_cfg()
     before = load_encoder(base_encoder, "tiny", "cifar").state_dict()
     T.finetune(cfg)
