@@ -1,0 +1,76 @@
+"""Command line: ``python -m data_prep {ffcv,dali} SRC OUT [options]`` (run from the repository root).
+
+Examples
+    python -m data_prep ffcv /data/imagenet /data/ffcv --split train --max-res 500 --compress-prob 0.5
+    python -m data_prep ffcv /data/cifar10 /data/ffcv --split test --write-mode raw
+    python -m data_prep dali /data/imagenet /data/dali --split train --shards 1024 --verify
+
+Exit status 0 on success (also when the output already existed), 2 on a bad source, output or
+setting (one line on stderr naming the path or value).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from data_prep.sources import PrepError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(s: argparse.ArgumentParser) -> None:
+        s.add_argument("src", help="ImageFolder tree (SRC/<split>/<class>/* or SRC/<class>/*) or CIFAR-10 root")
+        s.add_argument("out", help="output folder")
+        s.add_argument("--split", default="train", help="train / val / test")
+        s.add_argument("--workers", type=int, default=0, help="processes (0 = one per CPU)")
+        s.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping it")
+        s.add_argument("--verify", action="store_true", help="read the output back and check it against the source")
+
+    f = sub.add_parser("ffcv", help="write an FFCV .beton", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common(f)
+    f.add_argument("--max-res", type=int, default=500, help="longest stored side; larger images shrink (0 = keep)")
+    f.add_argument("--write-mode", default="proportion", choices=("raw", "jpg", "proportion", "smart"))
+    f.add_argument("--compress-prob", type=float, default=0.5, help="share stored as JPEG in 'proportion' mode")
+    f.add_argument("--jpeg-quality", type=int, default=90)
+    f.add_argument("--smart-threshold", type=int, default=256 * 1024, help="raw bytes above which 'smart' stores JPEG")
+    f.add_argument("--subset", type=int, default=0, help="keep N images: the first N of a seeded permutation (0 = all)")
+    f.add_argument("--seed", type=int, default=0, help="seed of the --subset permutation")
+
+    d = sub.add_parser("dali", help="write a DALI file list, class index and optional webdataset shards",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common(d)
+    d.add_argument("--shards", type=int, default=0, help="number of webdataset tar shards (0 = file list only)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the sample order in the shards")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[data_prep] %(message)s", stream=sys.stderr)
+    try:
+        if args.command == "ffcv":
+            from data_prep.ffcv_prep import FFCVSettings, convert
+
+            settings = FFCVSettings(split=args.split, max_res=args.max_res, compress_prob=args.compress_prob,
+                                    jpeg_quality=args.jpeg_quality, write_mode=args.write_mode,
+                                    smart_threshold=args.smart_threshold, subset=args.subset, seed=args.seed)
+            print(convert(args.src, args.out, settings, workers=args.workers, strict=args.strict, verify=args.verify))
+        else:
+            from data_prep.dali_prep import DALISettings, prepare
+
+            settings = DALISettings(split=args.split, shards=args.shards, seed=args.seed)
+            paths = prepare(args.src, args.out, settings, workers=args.workers, strict=args.strict, verify=args.verify)
+            print(paths.file_list)
+    except PrepError as e:
+        print(f"data_prep: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
