@@ -35,6 +35,15 @@ SHAPE = (3, 8, 8)
 EPS = 5 / 255
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These tensors are tiny: a second intra-op thread only adds contention on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _images(n: int, prototypes: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
     y = torch.randint(0, N_CLASSES, (n,), generator=g)
     x = (prototypes[y] + 0.05 * torch.randn(n, *SHAPE, generator=g)).clamp(0.0, 1.0)
