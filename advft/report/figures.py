@@ -1,0 +1,199 @@
+"""The report's PNGs (matplotlib, Agg backend, imported only when drawing): accuracy and training loss vs
+step, one line per alpha (panels per lr) and per lr (panels per alpha), and final alpha x lr heatmaps.
+
+Lines are means over seeds with a ±std band; finished points are solid, running ones dashed, failed ones
+dotted and end in a cross; points with nothing to draw are named under the figure.
+"""
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+from typing import Any, Sequence
+
+from advft.report.markdown import ACC_KEYS, num
+from advft.report.runs import Sweep
+from advft.report.stats import Point, aggregate, curve
+
+LOSS_KEYS = (("adv_loss", "adversarial loss"), ("clean_loss", "clean loss"))
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)  # files only: no display, works on a headless node
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _margins(fig: Any, bottom: float, left: float = 0.7, right: float = 0.15, top: float = 0.35,
+             wspace: float = 0.25, hspace: float = 0.3) -> None:
+    """Fixed margins in inches: tight_layout would measure every tick label and doubles the drawing time."""
+    w, h = fig.get_size_inches()
+    fig.subplots_adjust(left=left / w, right=1 - right / w, bottom=bottom / h, top=1 - top / h,
+                        wspace=wspace, hspace=hspace)
+
+
+def _style(p: Point) -> tuple[str, bool]:
+    """(line style, cross at the end): finished -> solid; still running -> dashed; failed -> dotted + cross."""
+    c = p.counts()
+    if "finished" in c:
+        return "-", False
+    if "running" in c:
+        return "--", False
+    return ":", True
+
+
+def _label(p: Point, by: str) -> str:
+    base = f"{by}={num(p.alpha if by == 'alpha' else p.lr)}"
+    n = len([r for r in p.runs if r.status != "missing"])
+    extra = p.status_text()
+    return base + (f" (n={n})" if n > 1 else "") + (f" [{extra}]" if extra else "")
+
+
+def plot_curves(points: Sequence[Point], path: Path, *, by: str, kind: str,
+                keys: Sequence[tuple[str, str]]) -> Path | None:
+    """One panel per (quantity, value of the other axis); one line per value of ``by`` (alpha | lr), mean
+    over seeds with a ±std band. kind 'eval' adds the strong-attack initial/final as hollow markers."""
+    other = "lr" if by == "alpha" else "alpha"
+    columns = sorted({getattr(p, other) for p in points})
+    lines = sorted({getattr(p, by) for p in points})
+    if not columns:
+        return None
+    plt = _plt()
+    from matplotlib.ticker import LogFormatter
+
+    class PlainLog(LogFormatter):
+        """LogFormatter's choice of which ticks get a label, written 0.03 rather than 3e-02."""
+
+        def __call__(self, x: float, pos: int | None = None) -> str:
+            return f"{x:.3g}" if super().__call__(x, pos) else ""
+
+    fig, axes = plt.subplots(len(keys), len(columns), figsize=(4.2 * len(columns), 3.2 * len(keys) + 0.4),
+                             squeeze=False, sharex="col")
+    colours = {v: plt.get_cmap("tab10")(i % 10) for i, v in enumerate(lines)}
+    not_drawn = []
+    for row, (key, label) in enumerate(keys):
+        for col, cv in enumerate(columns):
+            ax = axes[row][col]
+            for p in (p for p in points if getattr(p, other) == cv):
+                runs = [r for r in p.runs if r.status != "missing"]
+                steps, mean, std = curve(runs, kind, key)
+                colour, (linestyle, cross) = colours[getattr(p, by)], _style(p)
+                if not steps:
+                    if row == 0:
+                        not_drawn.append(f"{by}={num(getattr(p, by))}, {other}={num(cv)}: "
+                                         f"{p.status_text() or 'no records'}")
+                    continue
+                ax.plot(steps, mean, color=colour, linestyle=linestyle, label=_label(p, by))
+                lo = [m - (s or 0.0) for m, s in zip(mean, std)]
+                hi = [m + (s or 0.0) for m, s in zip(mean, std)]
+                if any(s for s in std):
+                    ax.fill_between(steps, lo, hi, color=colour, alpha=0.2, linewidth=0)
+                if cross:
+                    ax.plot(steps[-1:], mean[-1:], marker="x", markersize=9, color=colour)
+                if kind == "eval":
+                    end = max(r.steps or steps[-1] for r in runs)
+                    for when, st in ((0, p.initial(key)), (end, p.final(key))):
+                        if st is not None:
+                            ax.errorbar([when], [st.mean], yerr=[st.std or 0.0], marker="o", markerfacecolor="none",
+                                        color=colour, capsize=3, linestyle="none")
+            ax.set_title(f"{label}, {other}={num(cv)}", fontsize=9)
+            if row == len(keys) - 1:
+                ax.set_xlabel("step")
+            ys = [v for ln in ax.get_lines() for v in ln.get_ydata()]
+            if key.endswith("loss") and ys and min(ys) > 0:
+                ax.set_yscale("log")  # the losses fall over orders of magnitude
+                # plain labels (0.3, not 3x10^-1): easier to read, and mathtext layout is slow
+                ax.yaxis.set_major_formatter(PlainLog())
+                ax.yaxis.set_minor_formatter(PlainLog(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+            if ax.get_lines():
+                ax.legend(fontsize=7)
+            else:
+                alphas = {p.alpha for p in points if getattr(p, other) == cv}
+                why = "no clean term at alpha = 0" if key == "clean_loss" and alphas == {0.0} else "nothing logged yet"
+                ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes, color="grey")
+                ax.set_yticks([])
+            ax.grid(alpha=0.3)
+    notes = []
+    if kind == "eval":
+        notes.append("lines: routine attack; hollow circles: strong attack at step 0 and at the end")
+    else:
+        notes.append("runs at alpha = 0 have no clean term, hence no clean-loss line")
+    notes.append("solid: finished, dashed: running, dotted + x: failed; band: ±std over seeds")
+    if not_drawn:
+        notes.append("not drawn: " + "; ".join(sorted(set(not_drawn))))
+    # ~17 characters per inch at 7 pt: wrap so a long "not drawn" list stays inside the figure
+    text = "\n".join(textwrap.fill(n, width=int(fig.get_size_inches()[0] * 17)) for n in notes)
+    fig.text(0.01, 0.005, text, fontsize=7, va="bottom")
+    _margins(fig, bottom=0.5 + 0.13 * (text.count("\n") + 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_heatmaps(points: Sequence[Point], path: Path) -> Path | None:
+    """Final strong-attack clean and robust accuracy over alpha (rows) x lr (columns), mean ± std over
+    finished seeds; a cell without a finished run shows its status instead."""
+    alphas = sorted({p.alpha for p in points})
+    lrs = sorted({p.lr for p in points})
+    if not alphas:
+        return None
+    plt = _plt()
+    import numpy as np
+
+    at = {(p.alpha, p.lr): p for p in points}
+    width, height = max(4.0, 1.7 * len(lrs) + 1.8), max(3.0, 0.9 * len(alphas) + 1.8)
+    fig, axes = plt.subplots(1, len(ACC_KEYS), figsize=(width * len(ACC_KEYS), height), squeeze=False)
+    for ax, (key, label) in zip(axes[0], ACC_KEYS):
+        grid = np.full((len(alphas), len(lrs)), np.nan)
+        for i, a in enumerate(alphas):
+            for j, lr in enumerate(lrs):
+                p = at.get((a, lr))
+                st = p.final(key) if p else None
+                if st is not None:
+                    grid[i, j] = st.mean
+        cmap = plt.get_cmap("viridis").with_extremes(bad="#d9d9d9")  # no finished run: grey, status written in
+        im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=100, aspect="auto")
+        for i, a in enumerate(alphas):
+            for j, lr in enumerate(lrs):
+                p = at.get((a, lr))
+                st = p.final(key) if p else None
+                if st is None:
+                    text, colour = (p.status_text() if p else "not in grid").replace(", ", "\n"), "black"
+                else:
+                    text = f"{st.mean:.1f}" + (f"\n±{st.std:.1f} (n={st.n})" if st.std is not None else "")
+                    if p.status_text():
+                        text += f"\n[{p.status_text()}]"
+                    colour = "white" if st.mean < 60 else "black"
+                ax.text(j, i, text, ha="center", va="center", fontsize=8, color=colour)
+        ax.set_xticks(range(len(lrs)), [num(v) for v in lrs])
+        ax.set_yticks(range(len(alphas)), [num(v) for v in alphas])
+        ax.set_xlabel("lr")
+        ax.set_ylabel("alpha")
+        ax.set_title(f"final {label}", fontsize=10)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    _margins(fig, bottom=0.6, right=0.5, wspace=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _slug(setting: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "=.-" else "_" for ch in setting)
+
+
+def render_figures(sweep: Sweep, fig_dir: Path) -> list[Path]:
+    """All PNGs of the report, per setting: accuracy and loss vs step by alpha and by lr, final heatmaps."""
+    points = aggregate(sweep.runs)
+    out: list[Path] = []
+    for setting in sorted({p.setting for p in points}):
+        sub = [p for p in points if p.setting == setting]
+        pre = f"{_slug(setting)}_" if setting else ""
+        for by in ("alpha", "lr"):
+            out.append(plot_curves(sub, fig_dir / f"{pre}accuracy_by_{by}.png", by=by, kind="eval", keys=ACC_KEYS))
+            out.append(plot_curves(sub, fig_dir / f"{pre}loss_by_{by}.png", by=by, kind="train", keys=LOSS_KEYS))
+        out.append(plot_heatmaps(sub, fig_dir / f"{pre}final_heatmaps.png"))
+    return [p for p in out if p is not None]

@@ -1,0 +1,145 @@
+"""REPORT.md's text: sweep facts, the alpha x lr tables (initial -> final, mean ± std), runs, figures."""
+from __future__ import annotations
+
+import datetime
+import os
+import shlex
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from advft.report.runs import STATUSES, Run, Sweep, fmt_value
+from advft.report.stats import Point, aggregate
+
+ACC_KEYS = (("clean_acc", "clean accuracy (%)"), ("robust_acc", "robust accuracy (%)"))
+
+
+def num(v: float) -> str:
+    return f"{v:g}"
+
+
+def _cell(p: Point | None, key: str) -> str:
+    if p is None:
+        return "-"
+    i, f = p.initial(key), p.final(key)
+    text = f"{i.text() if i else '?'} -> {f.text() if f else p.status_text() or '?'}"
+    extra = p.status_text()
+    return text + (f" ({extra})" if extra and f else "")
+
+
+def _facts(sweep: Sweep) -> list[str]:
+    rec = sweep.record
+    starts = [s for r in sweep.runs for s in r.manifest.get("starts", [])]
+    lines = [f"- folder: `{sweep.dir}`"]
+    if rec.get("command"):
+        lines.append(f"- command: `{shlex.join(str(a) for a in rec['command'])}`")
+    if rec.get("job"):
+        lines.append(f"- job file: `{rec['job']}`")
+    subs = rec.get("submissions") or []
+    times = [s["time"] for s in subs if s.get("time")] or sorted(s["time"] for s in starts if s.get("time"))
+    if times:
+        lines.append(f"- started: {times[0]}" + (f" (last submission {times[-1]})" if len(subs) > 1 else ""))
+    cl = rec.get("cluster") or {}
+    if cl:
+        par = cl.get("parameters") or {}
+        lines.append(f"- cluster: {cl.get('kind', '?')}, profile {cl.get('profile', '?')}"
+                     + (f", {par.get('nodes')} node(s) x {par.get('gpus_per_node')} GPU(s)" if par else ""))
+    commits = sorted({(s.get("git_commit") or "unknown") + (" (dirty)" if s.get("git_dirty") else "") for s in starts})
+    if commits:
+        lines.append(f"- git commit: {', '.join(f'`{c}`' for c in commits)}"
+                     + (" — runs started from different code!" if len(commits) > 1 else ""))
+    hw = sorted({", ".join(s.get("gpu") or []) or f"CPU ({s.get('cpu_count', '?')} cores)" for s in starts})
+    if hw:
+        lines.append(f"- hardware: {'; '.join(hw)}; torch {starts[-1].get('torch', '?')}")
+    counts = {s: sum(r.status == s for r in sweep.runs) for s in STATUSES}
+    lines.append(f"- runs: {len(sweep.runs)}: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
+    lines.append(f"- report written: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
+    return lines
+
+
+def _attack_line(points: Sequence[Point]) -> str:
+    finals = [r.final or r.initial for p in points for r in p.runs if r.final or r.initial]
+    if not finals:
+        return "No strong-attack evaluation has been written yet."
+    attacks = sorted({str(f.get("attack", "?")) for f in finals})
+    eps = sorted({fmt_value(f.get("eps", "?")) for f in finals})
+    n = sorted({str(f.get("n_test", "?")) for f in finals})
+    return (f"Strong attack: {', '.join(attacks)} at eps {', '.join(eps)}/255 (L-inf), on {', '.join(n)} test "
+            f"images, linear probe on the frozen encoder.")
+
+
+def _matrix(points: Sequence[Point], key: str) -> list[str]:
+    alphas = sorted({p.alpha for p in points})
+    lrs = sorted({p.lr for p in points})
+    at = {(p.alpha, p.lr): p for p in points}
+    lines = ["| alpha \\ lr | " + " | ".join(num(lr) for lr in lrs) + " |",
+             "|---|" + "---|" * len(lrs)]
+    for a in alphas:
+        lines.append(f"| {num(a)} | " + " | ".join(_cell(at.get((a, lr)), key) for lr in lrs) + " |")
+    return lines
+
+
+def _status_text(r: Run) -> str:
+    if r.status == "failed":
+        return f"**failed**: {r.error}" if r.error else "**failed**"
+    if r.status == "running":
+        return f"running (step {r.last_step}/{r.steps if r.steps is not None else '?'})"
+    if r.status == "missing":
+        return "missing (planned, never started)"
+    return "finished"
+
+
+def _acc_pair(d: Mapping[str, Any]) -> str:
+    if "clean_acc" not in d:
+        return "-"
+    return f"{d['clean_acc']:.1f} / {d.get('robust_acc', float('nan')):.1f}"
+
+
+def render_markdown(sweep: Sweep, figures: Sequence[Path] = (), out_dir: Path | None = None) -> str:
+    """REPORT.md's text. ``figures`` are linked relative to ``out_dir`` (where REPORT.md is written)."""
+    points = aggregate(sweep.runs)
+    out = [f"# Sweep report: {sweep.name}", "", *_facts(sweep), ""]
+    out += ["## Results: alpha x lr", "", _attack_line(points),
+            "Each cell: accuracy (%) at step 0 -> at the end. `mean ± std (n=k)` over k seeds where several exist; "
+            "final values average finished runs only, the others are named in the cell.", ""]
+    for setting in sorted({p.setting for p in points}):
+        sub = [p for p in points if p.setting == setting]
+        if setting:
+            out += [f"### Setting `{setting}`", ""]
+        for key, label in ACC_KEYS:
+            out += [f"**{label[0].upper() + label[1:]}, initial -> final (strong attack)**", "", *_matrix(sub, key), ""]
+        out += ["**Per point**", "",
+                "| alpha | lr | runs | clean % initial -> final | robust % initial -> final | last routine eval clean / robust % (step) | status |",
+                "|---|---|---|---|---|---|---|"]
+        for p in sub:
+            ce, step = p.last_eval("clean_acc")
+            re_, _ = p.last_eval("robust_acc")
+            routine = f"{ce.text() if ce else '-'} / {re_.text() if re_ else '-'} ({step})" if ce else "-"
+            out.append(f"| {num(p.alpha)} | {num(p.lr)} | {len(p.runs)} | {_cell(p, 'clean_acc')} | "
+                       f"{_cell(p, 'robust_acc')} | {routine} | {p.status_text() or 'finished'} |")
+        out.append("")
+    out += ["## Runs", "", "| run | alpha | lr | seed | status | clean / robust % initial | clean / robust % final |",
+            "|---|---|---|---|---|---|---|"]
+    for r in sweep.runs:
+        out.append(f"| `{r.name}` | {num(r.alpha) if r.alpha is not None else '?'} | "
+                   f"{num(r.lr) if r.lr is not None else '?'} | {r.seed if r.seed is not None else '?'} | "
+                   f"{_status_text(r)} | {_acc_pair(r.initial)} | {_acc_pair(r.final)} |")
+    out.append("")
+    if figures:
+        out += ["## Figures", ""]
+        for f in figures:
+            rel = os.path.relpath(f, out_dir) if out_dir is not None else str(f)
+            out += [f"![{f.stem}]({Path(rel).as_posix()})", ""]
+    out += ["## How to read this", "",
+            "- *clean* is the linear probe's accuracy on unperturbed test images, *robust* its accuracy under "
+            "the L-inf attack at the given eps; robust <= clean always. Higher is better for both.",
+            "- *initial* is the pretrained encoder (step 0), *final* the fine-tuned one, both under the strong "
+            "attack; the curves use the cheaper routine attack, so robust curves sit above the strong-attack "
+            "markers (a robust curve far above them suggests the routine attack is too weak to trust alone).",
+            "- alpha weights the clean term: alpha = 0 is pure FARE; larger alpha keeps clean accuracy closer to "
+            "the original at some cost in robustness.",
+            "- ± is the sample standard deviation over seeds; a single-seed number carries no spread, read small "
+            "differences between cells with care.",
+            "- *running* means the run's folder does not say it ended: a job killed without a trace looks the "
+            "same; its job log (under `.submitit/`) tells. *missing* runs were planned but never started; rerun "
+            "the sweep command to start them.", ""]
+    return "\n".join(out)

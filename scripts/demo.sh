@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The demo: the whole method on this machine in minutes (no GPU, no dataset, no internet needed).
+# Sets up .venv if needed, then runs the default sweep: SimCLR pretraining of a tiny ResNet on procedural
+# synthetic shapes (once; cached in runs/base/), FARE fine-tuning for alpha in {0, 0.1, 1}, a results
+# table and REPORT.md. Extra arguments go to launch/sweep.py, e.g. bash scripts/demo.sh --grid lr=1e-3,3e-3
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+export WANDB_MODE=${WANDB_MODE:-offline}
+if [ $# -eq 0 ]; then set -- --grid alpha=0,0.1,1; fi
+exec .venv/bin/python launch/sweep.py --cluster "${ADVFT_DEMO_CLUSTER:-local}" --wait "$@"
