@@ -4,6 +4,7 @@ Examples
     python -m data_prep ffcv /data/imagenet /data/ffcv --split train --max-res 500 --compress-prob 0.5
     python -m data_prep ffcv /data/cifar10 /data/ffcv --split test --write-mode raw
     python -m data_prep dali /data/imagenet /data/dali --split train --shards 1024 --verify
+    python -m data_prep dali /data/imagenet /data/dali --shards 1024 --shard-range 0:64   # one slice, after the list
 
 Exit status 0 on success (also when the output already existed), 2 on a bad source, output or
 setting (one line on stderr naming the path or value).
@@ -46,7 +47,17 @@ def _parser() -> argparse.ArgumentParser:
     common(d)
     d.add_argument("--shards", type=int, default=0, help="number of webdataset tar shards (0 = file list only)")
     d.add_argument("--seed", type=int, default=0, help="seed of the sample order in the shards")
+    d.add_argument("--shard-range", type=_shard_range, default=None, metavar="START:END",
+                   help="write only shards START..END-1, from the file list already in OUT (for job arrays; "
+                        "a final run without it writes the sidecar)")
     return p
+
+
+def _shard_range(text: str) -> tuple[int, int]:
+    start, sep, end = text.partition(":")
+    if not sep or not start.isdigit() or not end.isdigit():
+        raise argparse.ArgumentTypeError(f"expected START:END (two integers), got {text!r}")
+    return int(start), int(end)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             from data_prep.dali_prep import DALISettings, prepare
 
             settings = DALISettings(split=args.split, shards=args.shards, seed=args.seed)
-            paths = prepare(args.src, args.out, settings, workers=args.workers, strict=args.strict, verify=args.verify)
-            print(paths.file_list)
+            paths = prepare(args.src, args.out, settings, workers=args.workers, strict=args.strict, verify=args.verify,
+                            shard_range=args.shard_range)
+            print(paths.shard_dir if args.shard_range else paths.file_list)
     except PrepError as e:
         print(f"data_prep: error: {e}", file=sys.stderr)
         return 2

@@ -4,6 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --extras
+if ! command -v shellcheck >/dev/null; then  # the sbatch scripts are linted by the tests
+  echo "[test] installing shellcheck" >&2
+  (apt-get install -y -qq shellcheck >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq shellcheck >/dev/null; })
+fi
 started_slurm=0
 if [ "${ADVFT_SKIP_SLURM:-0}" != "1" ]; then
   # start the local one-node cluster unless one is already running (then leave it running afterwards)

@@ -1,0 +1,129 @@
+"""benchmarks/loaders.py: its pure parts, and smoke runs on a tiny generated tree.
+
+The run with FFCV and DALI is marked; it skips without them, and fails instead when
+ADVFT_REQUIRE_EXTRAS=1 (CI), as in tests/test_data_prep.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ROOT
+from PIL import Image
+
+from advft.data import dali_loader, ffcv_loader
+from benchmarks import loaders as bench
+
+SCRIPT = ROOT / "benchmarks" / "loaders.py"
+
+
+def require(what: str) -> None:
+    """Skip without the package; with ADVFT_REQUIRE_EXTRAS=1 (CI) a missing package fails the test."""
+    ok = ffcv_loader.available() if what == "ffcv" else dali_loader.available()
+    if ok:
+        return
+    if os.environ.get("ADVFT_REQUIRE_EXTRAS") == "1":
+        pytest.fail(f"{what} is required here (ADVFT_REQUIRE_EXTRAS=1) but cannot be imported")
+    pytest.skip(f"{what} is not installed (bash scripts/install_extras.sh)")
+
+
+def test_interleaving_runs_every_loader_once_per_repeat_in_rotated_order() -> None:
+    order = bench.interleaved(["a", "b", "c"], 3)
+    assert order == [(0, "a"), (0, "b"), (0, "c"), (1, "b"), (1, "c"), (1, "a"), (2, "c"), (2, "a"), (2, "b")]
+
+
+def test_summary_takes_medians_and_ratios_within_a_repeat() -> None:
+    runs = [{"repeat": r, "loader": name, "images_per_s": v, "images_per_cpu_s": v / 2, "warmup_s": 1.0}
+            for r, speeds in enumerate([{"folder": 100, "fast": 250}, {"folder": 50, "fast": 150},
+                                        {"folder": 80, "fast": 160}])
+            for name, v in speeds.items()]
+    runs.append({"repeat": 3, "loader": "fast", "error": "crashed"})
+    s = bench.summarize(runs, ["folder", "fast"], baselines=("folder",))
+    assert s["loaders"]["fast"]["n"] == 3
+    assert s["loaders"]["fast"]["images_per_s"] == {"median": 160, "min": 150, "max": 250}
+    assert s["loaders"]["folder"]["images_per_cpu_s"]["median"] == 40
+    # Per-repeat ratios 2.5, 3, 2: the median pairs measurements of one repeat, not the two medians (2).
+    assert s["ratios"]["vs_folder"]["fast"] == {"n": 3, "median": 2.5, "min": 2.0, "max": 3.0}
+    assert s["cpu_ratios"]["vs_folder"]["fast"] == s["ratios"]["vs_folder"]["fast"]  # per-CPU speeds: v / 2
+    assert "folder" not in s["ratios"]["vs_folder"]
+
+
+def test_generated_tree_is_deterministic_and_imagenet_like(tmp_path: Path) -> None:
+    a = bench.generate_tree(tmp_path / "a", images=6, classes=3, seed=5, workers=1)
+    bench.generate_tree(tmp_path / "b", images=6, classes=3, seed=5, workers=1)
+    files = sorted((tmp_path / "a" / "train").rglob("*.JPEG"))
+    assert [f.relative_to(tmp_path / "a").as_posix() for f in files] == [
+        f"train/class{i % 3:03d}/img{i:05d}.JPEG" for i in sorted(range(6), key=lambda i: (i % 3, i))]
+    for f in files:
+        assert f.read_bytes() == (tmp_path / "b" / f.relative_to(tmp_path / "a")).read_bytes()
+        with Image.open(f) as im:
+            assert im.format == "JPEG" and im.mode == "RGB"
+            short, long = sorted(im.size)
+            assert 330 <= short <= 375 and 400 <= long <= 500
+            pixels = np.asarray(im)
+        assert pixels.std() > 20  # content, not a flat image
+    assert not a["reused"] and bench.generate_tree(tmp_path / "a", 6, 3, 5, 1)["reused"]
+    info = bench.describe_tree(tmp_path / "a" / "train")
+    assert info["images"] == 6 and info["classes"] == 3 and 20_000 < info["mean_bytes"] < 200_000
+
+
+def test_cpu_seconds_grow_with_work() -> None:
+    before = bench.cpu_seconds()
+    x = 0
+    for i in range(3_000_000):
+        x += i * i
+    assert before is not None and bench.cpu_seconds() > before
+
+
+def _run(tmp_path: Path, *extra: str) -> tuple[dict, str]:
+    out = tmp_path / "loaders.json"
+    argv = [sys.executable, str(SCRIPT), "--images", "40", "--classes", "3", "--batch", "8", "--batches", "2",
+            "--warmup-batches", "1", "--workers", "1", "--resolution", "64", "--work", str(tmp_path / "work"),
+            "--out", str(out), *extra]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(out.read_text()), done.stdout
+
+
+def _check_report(report: dict, loaders: list[str], repeats: int) -> None:
+    assert [r["loader"] for r in report["runs"]] == [n for _, n in bench.interleaved(loaders, repeats)]
+    for run in report["runs"]:
+        assert run["images_per_s"] > 0 and run["images"] == 16 and run["warmup_s"] >= run["first_batch_s"] > 0
+    assert sorted(report["loaders"]) == sorted(loaders)
+    assert all(report["loaders"][n]["n"] == repeats for n in loaders)
+    assert sorted(report["ratios"]["vs_folder"]) == sorted(set(loaders) - {"folder"})
+    assert report["settings"]["warmup_batches"] == 1 and report["settings"]["transform"] == "rrc_flip"
+    assert report["data"]["images"] == 40 and report["data"]["generated"]["settings"]["images"] == 40
+    m = report["machine"]
+    assert m["cpu_model"] and m["cpus_usable"] >= 1 and "torch" in m["versions"]
+    assert "load average" in report["uptime_before"] and "load average" in report["uptime_after"]
+    assert report["command"].startswith("python") or "loaders.py" in report["command"]
+
+
+@pytest.mark.slow
+def test_smoke_folder_loaders_interleaved(tmp_path: Path) -> None:
+    report, stdout = _run(tmp_path, "--loaders", "folder,torchvision", "--repeats", "2")
+    _check_report(report, ["folder", "torchvision"], repeats=2)
+    assert report["prep"] == {} and report["unavailable"] == {}
+    assert "torchvision" in stdout and "x folder" in stdout
+
+
+@pytest.mark.slow
+@pytest.mark.ffcv
+@pytest.mark.dali
+def test_smoke_folder_ffcv_and_dali(tmp_path: Path) -> None:
+    require("ffcv")
+    require("dali")
+    loaders = ["folder", "ffcv", "dali"]  # each FFCV measurement compiles its pipeline: keep them few
+    report, _ = _run(tmp_path, "--loaders", ",".join(loaders), "--repeats", "1")
+    _check_report(report, loaders, repeats=1)
+    assert report["unavailable"] == {}
+    assert report["prep"]["ffcv"]["stored"]["raw"] + report["prep"]["ffcv"]["stored"]["jpeg"] == 40
+    assert report["prep"]["ffcv"]["settings"]["write_mode"] == "proportion"
+    assert report["prep"]["dali"]["path"].endswith("train.txt")
