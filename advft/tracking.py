@@ -114,10 +114,12 @@ def environment_facts() -> dict[str, Any]:
         if torch.cuda.is_available() else [],
         "cpu_count": os.cpu_count(),
     }
+    from importlib import metadata
+
     for mod in ("torchvision", "accelerate", "numpy", "submitit", "wandb", "ffcv"):
-        try:
-            facts[mod] = __import__(mod).__version__
-        except Exception:  # noqa: BLE001 - optional packages
+        try:  # the installed version, without importing (importing ffcv alone takes seconds, at every start)
+            facts[mod] = metadata.version(mod)
+        except metadata.PackageNotFoundError:  # optional packages
             pass
     slurm = {k: v for k, v in os.environ.items() if k in ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID",
                                                             "SLURM_ARRAY_TASK_ID", "SLURM_NNODES",

@@ -6,6 +6,10 @@ from the environment (on CPU, set ACCELERATE_USE_CPU=1 for several gloo ranks). 
 ``<run.root>/<run.name>/`` and resumes itself from there when started again; rerunning a finished run does
 nothing. Exit codes: 0 done, 2 bad input (one line on stderr), 3 training failed (non-finite loss),
 4 checkpoint write failed, 75 interrupted on request (checkpoint written; rerun to resume).
+
+Stop requests (for batch scripts that requeue themselves, see slurm/*.sbatch): with ``--stop-signals
+TERM,USR1`` (or ADVFT_STOP_SIGNALS) those signals, and with ``--stop-file PATH`` (or ADVFT_STOP_FILE) the
+appearance of that file, make the run checkpoint at the next log step (all ranks agree on it) and exit 75.
 """
 from __future__ import annotations
 
@@ -18,8 +22,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, like every other bad input (argparse adds the usage)
+        print(f"error: {message} (see launch/train.py --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="launch/train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="keys: " + "the sections data, model, attack, loss, optim, eval, run (see advft/config.py); "
                "aliases: alpha = loss.alpha, lr = optim.lr. Example: --set alpha=0.1 --set optim.steps=200")
@@ -27,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value (repeatable)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--stop-signals", default=os.environ.get("ADVFT_STOP_SIGNALS", ""), metavar="SIGS",
+                   help="comma list (e.g. TERM,USR1): on these, checkpoint at the next log step and exit 75")
+    p.add_argument("--stop-file", default=os.environ.get("ADVFT_STOP_FILE", ""), metavar="PATH",
+                   help="when this file exists, checkpoint at the next log step and exit 75")
     args = p.parse_args(argv)
 
     from advft import config as C
@@ -43,13 +57,24 @@ def main(argv: list[str] | None = None) -> int:
     except C.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from launch.stopping import StopFlag, parse_signals
+
+    try:
+        signals = parse_signals(args.stop_signals)
+    except ValueError as e:
+        print(f"error: --stop-signals: {e}", file=sys.stderr)
+        return 2
+    should_stop = None
+    if signals or args.stop_file:
+        should_stop = StopFlag(args.stop_file or None)
+        should_stop.install(signals)
 
     from advft.checkpoint import CheckpointError
     from advft.models import CheckpointFormatError
     from advft.train import Interrupted, NonFiniteLossError, finetune
 
     try:
-        res = finetune(cfg)
+        res = finetune(cfg, should_stop=should_stop)
     except (C.ConfigError, CheckpointFormatError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

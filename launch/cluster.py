@@ -1,0 +1,136 @@
+"""Where jobs run: submitit executors for SLURM, local processes or in-process debugging, the sbatch script
+a sweep would submit, and which of a sweep's jobs are still queued or running.
+
+Only this module and ``launch/job.py`` talk to submitit; cluster facts come in as a :class:`Profile`.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import submitit
+
+from advft.config import ConfigError
+from launch.profiles import Profile, local_parameters, slurm_parameters
+
+ROOT = Path(__file__).resolve().parent.parent
+KINDS = ("auto", "slurm", "local", "debug")
+
+
+class ClusterError(RuntimeError):
+    """The cluster's tools failed (squeue unreachable, ...): one line for the user, no traceback."""
+
+
+def resolve_kind(cluster: str, submitting: bool = True) -> str:
+    """``auto``: SLURM when ``sbatch`` is on PATH, else local processes. A dry run of ``slurm`` needs no SLURM."""
+    if cluster not in KINDS:
+        raise ConfigError(f"--cluster {cluster!r} is not valid; choose one of: {', '.join(KINDS)}")
+    if cluster == "auto":
+        return "slurm" if shutil.which("sbatch") else "local"
+    if cluster == "slurm" and submitting and not (shutil.which("sbatch") and shutil.which("srun")):
+        raise ConfigError("--cluster slurm but sbatch/srun are not on PATH; use --cluster local (or auto)")
+    return cluster
+
+
+def _pythonpath_setup() -> list[str]:
+    # the job unpickles launch.job.FinetuneJob: the repository must be importable wherever it starts
+    return [f"export PYTHONPATH={shlex.quote(str(ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"]
+
+
+def make_executor(kind: str, folder: Path, profile: Profile, name: str = "advft") -> submitit.Executor:
+    """An executor whose jobs are time-limited, signalled and requeued as the profile says."""
+    if kind == "slurm":
+        ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=profile.max_num_timeout)
+        ex.update_parameters(job_name=name, **slurm_parameters(profile, _pythonpath_setup()))
+        return ex
+    if kind == "local":
+        ex = submitit.LocalExecutor(folder=folder, max_num_timeout=profile.max_num_timeout)
+        ex.update_parameters(**local_parameters(profile))
+        return ex
+    if kind == "debug":
+        return submitit.DebugExecutor(folder=folder)
+    raise ValueError(kind)
+
+
+def submit_array(kind: str, folder: Path, profile: Profile, fns: list[Callable[[], Any]],
+                 name: str = "advft") -> list[Any]:
+    """Submit the callables as ONE job array (``executor.batch()``) named ``name``; returns submitit's jobs."""
+    ex = make_executor(kind, folder, profile, name)
+    saved = os.environ.get("PYTHONPATH")
+    if kind == "local":  # local jobs inherit this environment (a setup line would put a shell in between)
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), saved) if p)
+    try:
+        with ex.batch():
+            jobs = [ex.submit(fn) for fn in fns]
+    finally:
+        if kind == "local":
+            if saved is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = saved
+    return jobs
+
+
+def sbatch_script(profile: Profile, folder: Path, n_runs: int, name: str = "advft") -> str:
+    """The sbatch script of a job array of ``n_runs`` runs, as submitit writes it (for --dry-run)."""
+    from submitit.slurm.slurm import _make_sbatch_string  # submitit renders; we only show it
+
+    command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
+    params: dict[str, Any] = {"job_name": name, **slurm_parameters(profile, _pythonpath_setup())}
+    return _make_sbatch_string(command=command, folder=folder, map_count=n_runs, **params)
+
+
+def job_ids(jobs: list[Any]) -> list[str]:
+    return [str(j.job_id) for j in jobs]
+
+
+def active_states(kind: str, ids: list[str]) -> dict[str, str]:
+    """State of each job id that is still queued, running or being requeued; ended jobs are absent."""
+    ids = [i for i in ids if i]
+    if not ids:
+        return {}
+    if kind == "slurm":
+        return _squeue(ids)
+    if kind == "local":
+        return {i: "RUNNING" for i in ids if _local_alive(i)}
+    return {}  # debug jobs run inside the sweep process and are over when it is
+
+
+def _squeue(ids: list[str]) -> dict[str, str]:
+    arrays = sorted({i.split("_")[0] for i in ids})
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(arrays)],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise ClusterError(f"squeue failed: {e}") from None
+    if out.returncode != 0:
+        if "Invalid job id" in out.stderr:  # every job of the list has left the queue
+            return {}
+        raise ClusterError(f"squeue failed: {out.stderr.strip()}")
+    states = {}
+    for line in out.stdout.splitlines():
+        jid, _, state = line.strip().partition("|")
+        states[jid] = state
+    return {i: states[i] for i in ids if i in states}
+
+
+def _local_alive(pid: str) -> bool:
+    """A local job's id is the pid of its submitit controller; a reused pid belongs to another program."""
+    try:
+        cmd = Path(f"/proc/{int(pid)}/cmdline").read_bytes()
+        stat = Path(f"/proc/{int(pid)}/stat").read_text()
+    except (OSError, ValueError):
+        return False
+    zombie = stat.rpartition(")")[2].split()[0] == "Z"
+    # an empty command line: the controller is being started (exec not done yet)
+    return not zombie and (not cmd or b"submitit.local._local" in cmd)
+
+
+def job_log(folder: Path, job_id: str) -> Path:
+    """The stderr log of a job's first task (where a crash's traceback is)."""
+    return submitit.core.utils.JobPaths(folder, job_id=job_id, task_id=0).stderr

@@ -1,0 +1,94 @@
+"""One advft run as a submitit job: a :class:`submitit.helpers.Checkpointable` that requeues WITHOUT losing a step.
+
+submitit's own handler of its requeue signal (USR2: time limit or preemption) calls ``checkpoint()``,
+requeues the job and exits, right where the signal landed: in the middle of a training step, maybe in a
+collective that the other ranks are still waiting in. So while the run trains, this job replaces that
+handler with one that only raises a flag. The engine polls the flag at log steps (all ranks agree on the
+step through one all-reduce), checkpoints at that step boundary and raises ``Interrupted``; only then
+does the job call submitit's handler, which requeues it. The requeued job runs this same callable again
+and ``finetune`` resumes from the run folder: the pickle holds the config, the folder holds the state.
+
+SIGTERM (SLURM preemption of a partition, or scancel) raises the same flag; SLURM itself requeues a
+preempted job, so the job then exits without requeueing. When SIGKILL comes before the step boundary,
+the run resumes from its last periodic checkpoint instead, and still ends bit-identical.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+from typing import Any
+
+import submitit
+
+from launch.stopping import StopFlag
+
+log = logging.getLogger("advft.job")
+
+EXIT_STOPPED = 75  # EX_TEMPFAIL, as launch/train.py: checkpoint written, the run continues when started again
+
+
+class FinetuneJob(submitit.helpers.Checkpointable):
+    """Runs ``advft.train.finetune`` on a resolved config inside a submitit task (one task per GPU).
+
+    ``config`` is ``Config.to_dict()`` (plain data, so the pickle does not depend on advft's classes),
+    ``group`` the sweep name (the wandb group), ``threads`` the CPU threads per task (0 = torch's default).
+    """
+
+    def __init__(self, config: dict[str, Any], group: str | None = None, threads: int = 0) -> None:
+        self.config = config
+        self.group = group
+        self.threads = threads
+
+    def __call__(self) -> dict[str, Any]:
+        import torch
+
+        from advft import config as C
+        from advft.train import Interrupted, finetune
+
+        env = setup_distributed()
+        logging.basicConfig(level=logging.INFO if env.global_rank == 0 else logging.WARNING,
+                            format=f"[%(asctime)s r{env.global_rank}] %(levelname)s %(name)s: %(message)s",
+                            datefmt="%H:%M:%S")
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        cfg = C.from_dict(self.config)
+        flag = StopFlag()
+        requeue_sig = submitit.JobEnvironment._usr_sig()
+        deferred = flag.install([requeue_sig, signal.SIGTERM])
+        try:
+            return finetune(cfg, should_stop=flag, group=self.group)
+        except Interrupted as e:
+            log.warning("%s (signals: %s)", e, ", ".join(signal.Signals(s).name for s in flag.received))
+            if requeue_sig in flag.received and callable(deferred[requeue_sig]):
+                # submitit's handler: checkpoint() + requeue + exit on rank 0 (or UncompletedJobError once
+                # the job has timed out max_num_timeout times); on the other ranks it returns
+                deferred[requeue_sig](requeue_sig, None)
+            if env.cluster == "debug":  # in-process: the caller gets the exception, its process lives on
+                raise
+            # SIGTERM only (preemption, scancel), or a rank other than 0: SLURM requeues or ends the job.
+            # SystemExit, not an exception: submitit then writes no result, so the job is not "done".
+            sys.exit(EXIT_STOPPED)
+        finally:
+            for s, h in deferred.items():
+                signal.signal(s, h)
+
+    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
+        """The requeued job runs the same callable; the run folder holds the state (called by submitit)."""
+        return submitit.helpers.DelayedSubmission(FinetuneJob(self.config, self.group, self.threads))
+
+
+def setup_distributed() -> submitit.JobEnvironment:
+    """RANK, WORLD_SIZE, MASTER_ADDR, ... from the submitit task (one task per GPU, several nodes).
+
+    CUDA_VISIBLE_DEVICES is left as SLURM set it: accelerate picks ``cuda:LOCAL_RANK`` among the node's
+    GPUs, which breaks if each task is narrowed to one GPU. On CPU, gloo ranks need ACCELERATE_USE_CPU.
+    """
+    import torch
+
+    env = submitit.JobEnvironment()
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    if not torch.cuda.is_available():
+        os.environ["ACCELERATE_USE_CPU"] = "1"
+    return env

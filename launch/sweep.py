@@ -1,0 +1,349 @@
+#!/usr/bin/env python
+"""Run a grid of fine-tuning runs as ONE submitit job array: ``python launch/sweep.py --grid alpha=0,0.1,1``.
+
+Every point of the cartesian product of the ``--grid`` axes is one run of the job file (plus ``--set``
+overrides), named by its grid values and config hash and living in ``<run.root>/<sweep>/<run>/``. All
+configs are validated before anything is submitted. Rerunning a sweep is safe: finished runs are skipped,
+runs whose job is still queued or running are left alone, unfinished and failed runs are submitted again
+(and resume from their last checkpoint). ``--cluster auto`` uses SLURM when ``sbatch`` is on PATH, else
+local processes; the cluster's facts come from a profile in ``slurm/profiles/`` (``--profile``, default
+``$ADVFT_PROFILE`` or ``local``) plus the overrides below.
+
+Writes ``<run.root>/<sweep>/sweep.json`` (command line, grid, runs, job ids, cluster). Exit codes: 0 done
+(with --wait: every run finished), 1 a run failed or the cluster refused the submission, 2 bad input (one
+line on stderr; nothing written, nothing submitted).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from advft import config as C  # noqa: E402
+from launch import grid as G  # noqa: E402
+from launch.profiles import Profile, default_profile, load_profile, local_parameters, parse_overrides  # noqa: E402
+from launch.sweep_state import (last_step, read_sweep, results_table, run_results, sweep_lock,  # noqa: E402
+                                table, write_sweep)
+
+DEFAULT_JOB = "jobs/demo.toml"
+ACTIVE = "queued"  # a skipped run whose job is still in the queue or running
+POLL_S = 3.0
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    name: str
+    point: dict[str, str]  # this run's grid values, as typed
+    cfg: C.Config  # resolved and validated, run.root/run.name set by the sweep
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    sweep_dir: Path
+    job: Path
+    axes: list[G.Axis]
+    fixed: dict[str, str]
+    runs: list[PlannedRun]
+    kind: str  # slurm | local | debug
+    profile: Profile
+
+    @property
+    def submitit_dir(self) -> Path:
+        return self.sweep_dir / ".submitit" / "%j"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, like every other bad input (argparse adds the usage)
+        print(f"error: {message} (see launch/sweep.py --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = _Parser(prog="launch/sweep.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--job", default=DEFAULT_JOB, help=f"TOML job file (default {DEFAULT_JOB})")
+    p.add_argument("--grid", action="append", default=[], metavar="KEY=v1,v2,...",
+                   help="one axis of the grid (repeatable); aliases alpha, lr; tuples as (0.9,0.95),(0.9,0.999)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config value for every run (repeatable)")
+    p.add_argument("--cluster", default="auto", help="auto (slurm if sbatch is on PATH, else local) | slurm | "
+                   "local | debug (in this process, one run after the other)")
+    p.add_argument("--profile", default=None, help="cluster profile: a name in slurm/profiles/ or a TOML path "
+                   "(default $ADVFT_PROFILE or local)")
+    p.add_argument("--partition", help="override the profile's partition")
+    p.add_argument("--nodes", help="override the profile's nodes per run")
+    p.add_argument("--gpus-per-node", help="override the profile's GPUs per node")
+    p.add_argument("--timeout-min", help="override the profile's time limit per job (minutes)")
+    p.add_argument("--cluster-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any other profile key, e.g. qos=high (repeatable; keys in slurm/README.md)")
+    p.add_argument("--name", help="sweep name, the folder under run.root (default: the job file's name)")
+    p.add_argument("--dry-run", action="store_true", help="print what would be submitted, submit nothing")
+    p.add_argument("--wait", action="store_true", help="follow the runs and end with a results table")
+    return p.parse_args(argv)
+
+
+def _job_path(job: str) -> Path:
+    p = Path(job)
+    if not p.is_file() and not p.is_absolute() and (ROOT / p).is_file():
+        return ROOT / p  # the default job works from any directory
+    return p
+
+
+def build_plan(args: argparse.Namespace) -> Plan:
+    """Everything decided before anything is written: configs (validated), names, cluster. Raises ConfigError."""
+    from launch.cluster import resolve_kind
+
+    fixed = C.parse_set(args.overrides)
+    if "run.name" in fixed:
+        raise C.ConfigError("--set run.name: the sweep names its runs; use --name to name the sweep")
+    axes = G.parse_grid(args.grid, fixed)
+    kind = resolve_kind(args.cluster, submitting=not args.dry_run)
+    named = {"partition": args.partition, "nodes": args.nodes, "gpus_per_node": args.gpus_per_node,
+             "timeout_min": args.timeout_min}
+    overrides = {**parse_overrides(args.cluster_set), **{k: v for k, v in named.items() if v is not None}}
+    profile = load_profile(args.profile or default_profile(), overrides)
+    if kind == "local":
+        local_parameters(profile)  # checks what the local executor cannot do
+    world = 1 if kind == "debug" else profile.world_size
+    job = _job_path(args.job)
+    base = C.load(job, fixed)
+    sweep = C.check_name(args.name or job.stem, "--name")
+    sweep_dir = Path(base.run.root).resolve() / sweep  # absolute: a job may start in another directory
+    runs: list[PlannedRun] = []
+    seen: dict[str, dict[str, str]] = {}
+    for point in G.expand(axes):
+        cfg = C.load(job, {**fixed, **point})
+        name = G.run_name(cfg, axes, prefix=base.run.name)
+        if name in seen:
+            raise C.ConfigError(f"--grid values {seen[name]} and {point} give the same config (run {name})")
+        seen[name] = point
+        cfg = C.replace(cfg, **{"run.name": name, "run.root": str(sweep_dir)})
+        try:
+            C.validate(cfg, world_size=world)
+        except C.ConfigError as e:
+            raise C.ConfigError(f"run {name}: {e}" if axes else str(e)) from None
+        runs.append(PlannedRun(name, point, cfg))
+    check_model_files([r.cfg for r in runs])
+    return Plan(sweep, sweep_dir, job, axes, fixed, runs, kind, profile)
+
+
+def check_model_files(cfgs: list[C.Config]) -> None:
+    """Read every distinct base encoder (and head) the runs will read: a file of the wrong architecture, a
+    damaged one or a pickle that needs code is bad input, refused here and not by each job once it starts."""
+    from advft.models import CheckpointFormatError, load_encoder, load_head
+
+    seen: set[tuple[str, ...]] = set()
+    for cfg in cfgs:
+        m = cfg.model
+        if (m.checkpoint, m.arch, m.stem, m.normalize, m.head) in seen:
+            continue
+        seen.add((m.checkpoint, m.arch, m.stem, m.normalize, m.head))
+        try:
+            encoder = load_encoder(m.checkpoint, arch=m.arch, stem=m.stem, normalize=m.normalize)
+        except CheckpointFormatError as e:
+            raise C.ConfigError(f"model.checkpoint: {e}") from None
+        if m.head:
+            try:
+                load_head(m.head, encoder.feature_dim)
+            except CheckpointFormatError as e:
+                raise C.ConfigError(f"model.head: {e}") from None
+
+
+def decide(plan: Plan, record: dict[str, Any]) -> dict[str, str]:
+    """Per run: 'finished' (skip), 'queued' (its job is still in the queue: skip) or 'submit'."""
+    from launch.cluster import active_states
+
+    known = record.get("runs", {})
+    by_kind: dict[str, list[str]] = {}
+    for r in plan.runs:
+        entry = known.get(r.name, {})
+        if entry.get("job_id"):
+            by_kind.setdefault(entry.get("cluster", plan.kind), []).append(entry["job_id"])
+    active = {i for kind, ids in by_kind.items() for i in active_states(kind, ids)}
+    out = {}
+    for r in plan.runs:
+        if run_results(r.cfg.run.dir).get("status") == "finished":
+            out[r.name] = "finished"
+        elif known.get(r.name, {}).get("job_id") in active:
+            out[r.name] = ACTIVE
+        else:
+            out[r.name] = "submit"
+    return out
+
+
+def submit(plan: Plan, runs: list[PlannedRun]) -> list[Any]:
+    """ONE job array with one task group per run; returns the submitit jobs."""
+    from launch.cluster import submit_array
+    from launch.job import FinetuneJob
+
+    threads = 0 if plan.kind == "debug" else plan.profile.cpus_per_task
+    return submit_array(plan.kind, plan.submitit_dir, plan.profile,
+                        [FinetuneJob(r.cfg.to_dict(), plan.name, threads) for r in runs], name=f"advft-{plan.name}")
+
+
+def _now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def update_record(plan: Plan, record: dict[str, Any], argv: list[str], decisions: dict[str, str],
+                  submitted: dict[str, str]) -> dict[str, Any]:
+    runs = dict(record.get("runs", {}))
+    for r in plan.runs:
+        entry = dict(runs.get(r.name, {}))
+        entry.update({"dir": str(r.cfg.run.dir), "grid": r.point, "config_hash": r.cfg.hash()})
+        if r.name in submitted:
+            entry.update({"job_id": submitted[r.name], "cluster": plan.kind, "submitted": _now()})
+        entry["last_decision"] = decisions[r.name]
+        runs[r.name] = entry
+    history = list(record.get("submissions", []))
+    if submitted:
+        history.append({"time": _now(), "cluster": plan.kind, "job_ids": sorted(set(submitted.values())),
+                        "runs": sorted(submitted), "command": argv})
+    return {
+        "name": plan.name, "dir": str(plan.sweep_dir), "job": str(plan.job), "command": argv,
+        "cwd": str(Path.cwd()), "grid": {a.key: list(a.values) for a in plan.axes}, "set": plan.fixed,
+        "cluster": {"kind": plan.kind, "profile": plan.profile.name,
+                    "parameters": dataclasses.asdict(plan.profile),
+                    "submitit_folder": str(plan.submitit_dir)},
+        "runs": runs, "submissions": history,
+    }
+
+
+def print_plan(plan: Plan, decisions: dict[str, str], job_ids: dict[str, str], dry: bool) -> None:
+    p = plan.profile
+    print(f"sweep {plan.name}: {len(plan.runs)} run(s) of {plan.job} in {plan.sweep_dir}\n"
+          f"cluster {plan.kind}, profile {p.name}: {p.nodes} node(s) x {p.tasks} task(s), "
+          f"{p.gpus_per_node} GPU(s)/node, {p.timeout_min} min/job, requeue signal {p.signal_delay_s} s before")
+    label = {"finished": "finished (skipped)", ACTIVE: "queued or running (skipped)",
+             "submit": "would submit" if dry else "submitted"}
+    rows = [[r.name, job_ids.get(r.name, "-"), label[decisions[r.name]]] for r in plan.runs]
+    print(table(["run", "job id", "state"], rows))
+
+
+def follow(plan: Plan, names: list[str], record: dict[str, Any], jobs: dict[str, Any]) -> int:
+    """Print a line whenever a followed run changes (state, step), then the results table of the whole
+    sweep. Returns 0 iff every run of the sweep finished."""
+    from launch.cluster import active_states, job_log
+
+    runs = {r.name: r for r in plan.runs}
+    if plan.kind == "debug":  # debug jobs run here, now, one after the other
+        for name, job in jobs.items():
+            print(f"[{time.strftime('%H:%M:%S')}] {name}: running in this process", flush=True)
+            try:
+                job.results()
+            except Exception as e:  # noqa: BLE001 - reported in the table
+                print(f"{name}: {type(e).__name__}: {e}", file=sys.stderr)
+    ids = {n: record["runs"][n].get("job_id", "") for n in names}
+    kinds = {n: record["runs"][n].get("cluster", plan.kind) for n in names}
+    shown: dict[str, str] = {}
+    while plan.kind != "debug":
+        if plan.kind == "local":
+            for job in jobs.values():
+                _ = job.state  # reaps a finished controller (our child), so its pid is not counted as running
+        active: dict[str, str] = {}
+        for kind in set(kinds.values()):
+            active.update(active_states(kind, [ids[n] for n in names if kinds[n] == kind]))
+        for n in names:
+            if ids[n] in active:
+                line = f"{active[ids[n]]} step {last_step(runs[n].cfg.run.dir)}/{runs[n].cfg.optim.steps}"
+            else:
+                status = run_results(runs[n].cfg.run.dir).get("status")
+                line = status if status in ("finished", "failed") else "ended without a result"
+            if shown.get(n) != line:
+                shown[n] = line
+                print(f"[{time.strftime('%H:%M:%S')}] {n} (job {ids[n] or '-'}): {line}", flush=True)
+        if not any(ids[n] in active for n in names):
+            break
+        time.sleep(POLL_S)
+    print(results_table([(r.name, r.cfg.run.dir, r.cfg.to_dict()) for r in plan.runs]))
+    bad = [r.name for r in plan.runs if run_results(r.cfg.run.dir).get("status") != "finished"]
+    for n in bad:
+        if ids.get(n) and plan.kind != "debug":
+            print(f"{n}: log {job_log(plan.submitit_dir, ids[n])}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def hints(plan: Plan) -> None:
+    from advft.tracking import wandb_mode
+
+    if any(wandb_mode(r.cfg.run.wandb) == "offline" for r in plan.runs):
+        print(f"wandb runs are offline (no API key here); upload them later with: "
+              f"wandb sync {plan.sweep_dir}/*/wandb/offline-run-*")
+    if (ROOT / "launch" / "report.py").is_file():
+        print(f"report: python launch/report.py {plan.sweep_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # --help, or a bad flag (already reported on one line)
+        return int(e.code or 0)
+    try:
+        plan = build_plan(args)
+    except C.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    command = [sys.executable, "launch/sweep.py", *argv]
+    from launch.cluster import ClusterError
+
+    try:
+        return dry_run(plan) if args.dry_run else _submit_and_report(plan, args, command)
+    except (TimeoutError, ClusterError) as e:  # a stuck sweep holds the lock; squeue does not answer
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+def dry_run(plan: Plan) -> int:
+    """What a real sweep would do now, and the sbatch script it would submit; writes nothing."""
+    decisions = decide(plan, read_sweep(plan.sweep_dir))
+    print_plan(plan, decisions, {}, dry=True)
+    todo = [r for r in plan.runs if decisions[r.name] == "submit"]
+    if plan.kind == "slurm" and todo:
+        from launch.cluster import sbatch_script
+
+        print(f"\n# the sbatch script of the job array ({len(todo)} task(s)), as submitit would write it:")
+        print(sbatch_script(plan.profile, plan.submitit_dir, len(todo), name=f"advft-{plan.name}"))
+    print("dry run: nothing submitted, nothing written")
+    return 0
+
+
+def _submit_and_report(plan: Plan, args: argparse.Namespace, command: list[str]) -> int:
+    with sweep_lock(plan.sweep_dir):
+        record = read_sweep(plan.sweep_dir)
+        decisions = decide(plan, record)
+        todo = [r for r in plan.runs if decisions[r.name] == "submit"]
+        submitted: dict[str, str] = {}
+        jobs: list[Any] = []
+        if todo:
+            try:
+                jobs = submit(plan, todo)
+            except Exception as e:  # noqa: BLE001 - sbatch refusing (bad partition, account, ...) is one line
+                print(f"error: the cluster refused the submission: {str(e).strip().splitlines()[-1]}",
+                      file=sys.stderr)
+                return 1
+            submitted = {r.name: str(j.job_id) for r, j in zip(todo, jobs)}
+        record = update_record(plan, record, command, decisions, submitted)
+        write_sweep(plan.sweep_dir, record)
+    ids = {n: e.get("job_id", "-") for n, e in record["runs"].items()}
+    print_plan(plan, decisions, ids, dry=False)
+    if not todo:
+        print("nothing to submit: every run is finished or still queued")
+    print(f"record: {plan.sweep_dir / 'sweep.json'}")
+    hints(plan)
+    if args.wait or plan.kind == "debug":
+        followed = [r.name for r in plan.runs if decisions[r.name] != "finished"]
+        return follow(plan, followed, record, {r.name: j for r, j in zip(todo, jobs)})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""A sweep's record on disk: ``runs/<sweep>/sweep.json`` (written atomically), the lock that serialises
+sweeps started on the same folder, what each run folder says about its run, and the tables we print.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+from advft.tracking import write_json
+
+SWEEP_JSON = "sweep.json"
+LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def sweep_lock(sweep_dir: Path, timeout_s: float | None = None) -> Iterator[None]:
+    """Hold an exclusive lock on ``<sweep>/.lock`` while deciding what to submit and submitting it.
+
+    A second sweep on the same folder waits here, then sees the first one's jobs in sweep.json as queued
+    and submits nothing twice. flock is released by the kernel if the holder dies.
+    """
+    timeout_s = float(os.environ.get("ADVFT_SWEEP_LOCK_TIMEOUT", "600")) if timeout_s is None else timeout_s
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    path = sweep_dir / LOCK
+    with open(path, "a+") as f:
+        deadline, told = time.monotonic() + timeout_s, False
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not told:
+                    f.seek(0)
+                    holder = f.read().strip() or "?"
+                    print(f"waiting for another sweep on {sweep_dir} (pid {holder}) to finish submitting", flush=True)
+                    told = True
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"another sweep has held {path} for over {timeout_s:.0f} s; "
+                                       f"is it stuck? (pid {holder})") from None
+                time.sleep(0.2)
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(str(os.getpid()))
+            f.flush()
+            yield
+        finally:
+            f.seek(0)
+            f.truncate()
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def read_sweep(sweep_dir: Path) -> dict[str, Any]:
+    path = sweep_dir / SWEEP_JSON
+    if not path.is_file():
+        return {}
+    return json.loads(path.read_text())
+
+
+def write_sweep(sweep_dir: Path, record: dict[str, Any]) -> None:
+    write_json(sweep_dir / SWEEP_JSON, record)  # temp file + rename: readers never see half a file
+
+
+def run_results(run_dir: Path) -> dict[str, Any]:
+    """The run's results.json ({} before it exists); status is running, finished or failed."""
+    path = run_dir / "results.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def last_step(run_dir: Path) -> int:
+    """The last logged training step (0 before the first log line)."""
+    path = run_dir / "metrics.jsonl"
+    try:
+        with open(path, "rb") as f:  # only the tail: metrics.jsonl grows with the run
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 8192))
+            tail = f.read().decode(errors="replace")
+    except OSError:
+        return 0
+    steps = [r.get("step", 0) for r in _records(tail) if r.get("kind") == "train"]
+    return max(steps, default=0)
+
+
+def _records(text: str) -> list[dict[str, Any]]:
+    out = []
+    for line in text.splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by the tail window, or torn by a killed writer
+    return out
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def _acc(res: dict[str, Any], when: str, key: str) -> str:
+    v = (res.get(when) or {}).get(key)
+    return "-" if v is None else f"{v:.1f}"
+
+
+def results_table(runs: list[tuple[str, Path, dict[str, Any]]]) -> str:
+    """run, alpha, lr, clean and robust accuracy (%) initial -> final, status: from each results.json."""
+    rows = []
+    for name, run_dir, cfg in runs:
+        res = run_results(run_dir)
+        rows.append([name, f"{cfg['loss']['alpha']:g}", f"{cfg['optim']['lr']:g}",
+                     f"{_acc(res, 'initial', 'clean_acc')} -> {_acc(res, 'final', 'clean_acc')}",
+                     f"{_acc(res, 'initial', 'robust_acc')} -> {_acc(res, 'final', 'robust_acc')}",
+                     res.get("status", "not started")])
+    return table(["run", "alpha", "lr", "clean % (initial -> final)", "robust % (initial -> final)", "status"], rows)
+

@@ -1,0 +1,470 @@
+"""launch/sweep.py and launch/job.py: grids and run names, profiles, bad input, dry run, local sweeps, the
+lock, and requeues that lose no step (a local time limit; on SLURM ``job._interrupt()``, a real time limit
+and a partition preemption).
+
+Tests marked ``slurm`` talk to the cluster of ``slurm/local-cluster.sh up``: without one they skip, unless
+ADVFT_REQUIRE_SLURM=1 (CI), where they fail. The tiny job runs with its evaluations cut to the bone: these
+tests are about scheduling and resuming, not accuracy.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from advft import checkpoint as ckpt
+from advft import config as C
+from advft.train import finetune
+from conftest import require_or_skip
+from launch import grid as G
+from launch import sweep as S
+from launch.profiles import KEYS, PROFILE_DIR, load_profile
+from launch.sweep_state import read_sweep, sweep_lock
+
+ROOT = Path(__file__).resolve().parent.parent
+JOB = ROOT / "jobs" / "test_tiny.toml"
+LEAN = ["eval.final_targets=0", "eval.probe_epochs=5", "eval.final_attack_steps=2", "eval.attack_steps=2",
+        "eval.probe_train_size=64", "eval.test_size=32", "eval.every=0"]
+# the run the interruption tests cut: log every 2 steps, periodic checkpoints every 8
+LONG = ["optim.steps=40", "run.ckpt_every=8"]
+
+
+# ---------------------------------------------------------------- helpers
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("synthetic-cache")  # shared: the synthetic set is generated once
+
+
+def args_for(root: Path, encoder: Path, cache: Path, *extra: str, sets: list[str] = ()) -> list[str]:
+    sets = [f"model.checkpoint={encoder}", f"data.path={cache}", f"run.root={root}", *LEAN, *sets]
+    return ["--job", str(JOB), *(x for s in sets for x in ("--set", s)), *extra]
+
+
+def run_main(capsys, argv: list[str]) -> tuple[int, str, str]:
+    rc = S.main(argv)
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def only_run(sweep_dir: Path) -> tuple[str, dict]:
+    (name, entry), = read_sweep(sweep_dir)["runs"].items()
+    return name, entry
+
+
+def wait_for(probe, what: str, timeout_s: float = 240.0, poll_s: float = 0.3):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+def train_steps(run_dir: Path) -> list[int]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [r["step"] for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "train"]
+
+
+def starts(run_dir: Path) -> list[dict]:
+    path = run_dir / "manifest.json"
+    return json.loads(path.read_text())["starts"] if path.is_file() else []
+
+
+def job_logs(sweep_dir: Path, job_id: str) -> tuple[str, str]:
+    """stdout and stderr of a job's first task, where submitit and the run log."""
+    folder = Path(read_sweep(sweep_dir)["cluster"]["submitit_folder"].replace("%j", job_id))
+    return tuple((folder / f"{job_id}_0_log.{ext}").read_text() for ext in ("out", "err"))
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    step, state = ckpt.load_latest(run_dir)
+    return state["model"]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, base_encoder, cache) -> tuple[dict[str, torch.Tensor], float]:
+    """Final weights of the LONG run, uninterrupted, in this process, and the seconds it took."""
+    root = tmp_path_factory.mktemp("reference")
+    cfg = C.load(JOB, [f"model.checkpoint={base_encoder}", f"data.path={cache}", f"run.root={root}",
+                       "run.name=ref", *LEAN, *LONG])
+    t0 = time.monotonic()
+    assert finetune(cfg)["status"] == "finished"
+    return final_weights(cfg.run.dir), time.monotonic() - t0
+
+
+@pytest.fixture(scope="module")
+def reference(reference_run) -> dict[str, torch.Tensor]:
+    return reference_run[0]
+
+
+# ---------------------------------------------------------------- grids, names, profiles (no training)
+
+def test_grid_expands_the_cartesian_product_in_canonical_named_runs():
+    axes = G.parse_grid(["lr=1e-4,1e-3", "alpha=0,0.1,1"])
+    points = G.expand(axes)
+    assert len(points) == 6 and points[0] == {"optim.lr": "1e-4", "loss.alpha": "0"}
+    cfg = C.load(JOB, points[0])
+    name = G.run_name(cfg, axes)
+    assert name == f"alpha=0,lr=0.0001-{cfg.hash()}"  # sorted labels, resolved values, config hash
+    # another spelling of the same values names the same run: a rerun finds it again
+    same = C.load(JOB, {"optim.lr": "0.0001", "loss.alpha": "0.0"})
+    assert G.run_name(same, G.parse_grid(["alpha=0.0", "optim.lr=0.0001"])) == name
+
+
+def test_grid_values_with_commas_and_unsafe_characters():
+    axes = G.parse_grid(["optim.betas=(0.9,0.95),(0.9,0.999)", "model.head=a/b,c"])
+    assert [a.values for a in axes] == [("(0.9,0.95)", "(0.9,0.999)"), ("a/b", "c")]
+    cfg = C.load(JOB, {"optim.betas": "(0.9,0.999)", "model.head": "../x/y"})
+    name = G.run_name(cfg, axes)
+    assert "/" not in name and ".." not in name and name.startswith("betas=0.9-0.999,head=")
+    # two axes with the same last component fall back to their full keys
+    assert [a.label for a in G.parse_grid(["optim.steps=1,2", "attack.steps=3"])] == ["optim.steps", "attack.steps"]
+
+
+def test_shipped_profiles_load_and_describe_their_world():
+    names = sorted(p.stem for p in PROFILE_DIR.glob("*.toml"))
+    assert "local" in names
+    for n in names:
+        p = load_profile(n)
+        assert p.world_size == p.nodes * p.tasks >= 1
+    gpu = load_profile("example-gpu", {"nodes": "2"})
+    assert gpu.tasks == gpu.gpus_per_node and gpu.world_size == 2 * gpu.gpus_per_node
+
+
+def test_profile_errors_name_the_key(tmp_path):
+    good = (PROFILE_DIR / "local.toml").read_text()
+    (tmp_path / "typo.toml").write_text(good + 'partiton = "x"\n')
+    with pytest.raises(C.ConfigError, match="unknown key 'partiton'"):
+        load_profile(str(tmp_path / "typo.toml"))
+    (tmp_path / "short.toml").write_text("\n".join(line for line in good.splitlines()
+                                                   if not line.startswith("timeout_min")))
+    with pytest.raises(C.ConfigError, match="missing key.*timeout_min"):
+        load_profile(str(tmp_path / "short.toml"))
+    with pytest.raises(C.ConfigError, match="nodes must be an integer"):
+        load_profile("local", {"nodes": "two"})
+    with pytest.raises(C.ConfigError, match="timeout_min = 0 must be >= 1"):
+        load_profile("local", {"timeout_min": "0"})
+    assert set(KEYS) >= {"partition", "signal_delay_s", "max_num_timeout", "array_parallelism"}
+
+
+# ---------------------------------------------------------------- bad input, dry run, lock
+
+BAD = {
+    "no '='": (["--grid", "alpha"], "--grid expects KEY=v1,v2"),
+    "empty values": (["--grid", "alpha="], "empty value"),
+    "empty value in the list": (["--grid", "alpha=0,,1"], "empty value"),
+    "repeated key": (["--grid", "alpha=0", "--grid", "loss.alpha=1"], "given twice"),
+    "unknown key": (["--grid", "alpah=0,1"], "unknown config key 'alpah'"),
+    "grid and --set": (["--grid", "alpha=0,1", "--set", "alpha=0"], "also given with --set"),
+    "grid over run.root": (["--grid", "run.root=a,b"], "sets run.name and run.root itself"),
+    "run.name set": (["--set", "run.name=x"], "the sweep names its runs"),
+    "same config twice": (["--grid", "alpha=0.1,1e-1"], "give the same config"),
+    "invalid value": (["--grid", "alpha=0,-1"], "loss.alpha = -1.0 must be >= 0"),
+    "wrong type": (["--grid", "lr=fast"], "optim.lr: expected a number"),
+    "name with a slash": (["--name", "a/b"], "not a valid name"),
+    "name with ..": (["--name", ".."], "not a valid name"),
+    "unknown cluster key": (["--cluster-set", "gpu=1"], "unknown cluster key 'gpu'"),
+    "unknown profile": (["--profile", "nosuch"], "cluster profile 'nosuch' not found"),
+    "unknown cluster": (["--cluster", "aws"], "--cluster 'aws' is not valid"),
+    "unknown flag": (["--gird", "alpha=0"], "unrecognized arguments"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_exit_2_and_nothing_written(case, tmp_path, base_encoder, cache, capsys):
+    extra, message = BAD[case]
+    root = tmp_path / "runs"
+    rc, out, err = run_main(capsys, args_for(root, base_encoder, cache, "--cluster", "local", *extra))
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert not root.exists()
+
+
+def test_slurm_without_sbatch_is_bad_input_but_auto_falls_back_to_local(monkeypatch, tmp_path, base_encoder,
+                                                                         cache, capsys):
+    import launch.cluster as K
+
+    monkeypatch.setattr(K.shutil, "which", lambda name: None)
+    root = tmp_path / "runs"
+    rc, _, err = run_main(capsys, args_for(root, base_encoder, cache, "--cluster", "slurm"))
+    assert rc == 2 and "sbatch/srun are not on PATH" in err and not root.exists()
+    assert K.resolve_kind("auto") == "local"
+    rc, out, _ = run_main(capsys, args_for(root, base_encoder, cache, "--dry-run"))  # auto
+    assert rc == 0 and "cluster local" in out
+
+
+def test_dry_run_shows_the_array_and_its_sbatch_script_and_submits_nothing(tmp_path, base_encoder, cache,
+                                                                           capsys):
+    root = tmp_path / "runs"
+    rc, out, err = run_main(capsys, args_for(root, base_encoder, cache, "--cluster", "slurm", "--dry-run",
+                                             "--grid", "alpha=0,0.1", "--grid", "lr=1e-4,1e-3",
+                                             "--timeout-min", "30", "--name", "dry"))
+    assert rc == 0, err
+    assert out.count("would submit") == 4 and "alpha=0.1,lr=0.001-" in out
+    for line in ("#SBATCH --array=0-3%4", "#SBATCH --signal=USR2@30", "#SBATCH --partition=debug",
+                 "#SBATCH --time=30", "#SBATCH --ntasks-per-node=1", "-m submitit.core._submit",
+                 f"export PYTHONPATH={ROOT}"):
+        assert line in out, line
+    assert "nothing submitted" in out and not root.exists()
+
+
+def test_a_held_lock_makes_a_second_sweep_wait_then_give_up_without_submitting(monkeypatch, tmp_path,
+                                                                               base_encoder, cache, capsys):
+    root = tmp_path / "runs"
+    monkeypatch.setenv("ADVFT_SWEEP_LOCK_TIMEOUT", "1")
+    with sweep_lock(root / "locked"):
+        t0 = time.monotonic()
+        rc, out, err = run_main(capsys, args_for(root, base_encoder, cache, "--cluster", "local", "--name",
+                                                 "locked"))
+        assert time.monotonic() - t0 >= 1
+    assert rc == 1 and "waiting for another sweep" in out and "held" in err
+    assert not (root / "locked" / "sweep.json").exists()
+
+
+# ---------------------------------------------------------------- local sweeps
+
+@pytest.fixture(scope="module")
+def local_sweep(tmp_path_factory, base_encoder, cache):
+    """A 2-point sweep through submitit's local executor, with wandb offline and a planted API key."""
+    root = tmp_path_factory.mktemp("local")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WANDB_MODE", "offline")
+    mp.setenv("WANDB_API_KEY", "advft-test-fake-key-0123456789abcdef0123")
+    mp.setenv("WANDB_DIR", str(root / "wandb-elsewhere"))  # wandb must still write into the run folder
+    import launch.cluster as K
+
+    mp.setattr(K.shutil, "which", lambda name: None)  # no sbatch: --cluster auto runs locally
+    argv = args_for(root, base_encoder, cache, "--grid", "alpha=0,0.1", "--name", "sw", "--wait",
+                    sets=["run.wandb=auto"])  # the tiny job disables wandb; auto + WANDB_MODE=offline
+    from io import StringIO
+    from contextlib import redirect_stdout
+
+    buf = StringIO()
+    try:
+        with redirect_stdout(buf):
+            rc = S.main(argv)
+    finally:
+        mp.undo()
+    return {"root": root, "dir": root / "sw", "argv": argv, "rc": rc, "out": buf.getvalue()}
+
+
+def test_local_sweep_runs_records_and_reports(local_sweep):
+    d, out = local_sweep["dir"], local_sweep["out"]
+    assert local_sweep["rc"] == 0, out
+    rec = read_sweep(d)
+    assert rec["cluster"]["kind"] == "local" and rec["grid"] == {"loss.alpha": ["0", "0.1"]}
+    assert sorted(n.rsplit("-", 1)[0] for n in rec["runs"]) == ["alpha=0", "alpha=0.1"]
+    assert len(rec["submissions"]) == 1
+    assert "--grid" in rec["command"] and all(e["job_id"] for e in rec["runs"].values())
+    for name, entry in rec["runs"].items():
+        res = json.loads((d / name / "results.json").read_text())
+        assert res["status"] == "finished" and Path(entry["dir"]) == d / name
+        assert res["alpha"] == float(entry["grid"]["loss.alpha"])
+    assert "clean % (initial -> final)" in out and out.count("finished") >= 4
+    assert f"wandb sync {d}/*/wandb/offline-run-*" in out
+
+
+def test_wandb_is_offline_one_run_per_advft_run_and_the_key_is_written_nowhere(local_sweep):
+    d = local_sweep["dir"]
+    for name in read_sweep(d)["runs"]:
+        cfg = C.load(d / name / "config.toml")
+        offline = list((d / name / "wandb").glob("offline-run-*"))
+        assert len(offline) == 1 and offline[0].name.endswith(f"-{name}-{cfg.hash()}"), offline
+    key = b"advft-test-fake-key-0123456789abcdef0123"
+    leaks = [p for p in d.rglob("*") if p.is_file() and key in p.read_bytes()]
+    assert not leaks
+
+
+def test_rerun_skips_finished_runs_and_resubmits_only_the_failed_one(local_sweep, capsys, monkeypatch):
+    d = local_sweep["dir"]
+    import launch.cluster as K
+
+    monkeypatch.setattr(K.shutil, "which", lambda name: None)
+    argv = [a for a in local_sweep["argv"] if a != "--wait"]
+    rc, out, _ = run_main(capsys, argv)
+    assert rc == 0 and "nothing to submit" in out and out.count("finished (skipped)") == 2
+    assert len(read_sweep(d)["submissions"]) == 1
+    # make one run fail as the engine records it (a non-finite loss after its last checkpoint)
+    failed = sorted(read_sweep(d)["runs"])[0]
+    res = json.loads((d / failed / "results.json").read_text())
+    res.update(status="failed", error="non-finite loss at step 7", failed_step=7)
+    (d / failed / "results.json").write_text(json.dumps(res))
+    rc, out, err = run_main(capsys, argv + ["--wait"])
+    assert rc == 0, out + err
+    rec = read_sweep(d)
+    assert len(rec["submissions"]) == 2 and rec["submissions"][-1]["runs"] == [failed]
+    assert out.count("submitted") == 1 and "finished (skipped)" in out
+    assert json.loads((d / failed / "results.json").read_text())["status"] == "finished"
+    assert len(starts(d / failed)) == 2 and starts(d / failed)[1]["resume_step"] == 8  # resumed, not redone
+
+
+def test_two_sweeps_started_at_once_submit_each_run_once(tmp_path, base_encoder, cache):
+    argv = [sys.executable, "launch/sweep.py", *args_for(tmp_path, base_encoder, cache, "--cluster", "local",
+                                                          "--name", "twice", "--wait",
+                                                          sets=["optim.steps=2"])]
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    procs = [subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    rec = read_sweep(tmp_path / "twice")
+    assert len(rec["submissions"]) == 1 and len(rec["submissions"][0]["runs"]) == 1
+    assert sum("submitted" in o for o, _ in outs) == 1
+    assert sum("queued or running (skipped)" in o or "finished (skipped)" in o for o, _ in outs) == 1
+
+
+def test_local_time_limit_requeues_and_the_finished_run_is_bit_identical(tmp_path, base_encoder, cache,
+                                                                         reference, capsys):
+    # submitit's local controller sends USR2 `timeout - signal_delay` = 10 s into every start of the job and
+    # restarts it: the first start is cut (in its setup or its first steps), the second resumes where it
+    # stopped. The test then cancels the job and lets a rerun of the sweep finish the run.
+    argv = args_for(tmp_path, base_encoder, cache, "--cluster", "local", "--name", "tl", "--timeout-min", "1",
+                    "--cluster-set", "signal_delay_s=50", sets=LONG)
+    plan = S.build_plan(S.parse_args(argv))
+    job, = S.submit(plan, plan.runs)
+    run = plan.runs[0].cfg.run.dir
+    try:
+        restarted = wait_for(lambda: starts(run)[1:], "the restart after the time limit", timeout_s=180)
+    finally:
+        job.cancel()
+        wait_for(lambda: job.state != "RUNNING", "the cancelled job to end", timeout_s=60)
+    stop = restarted[0]["resume_step"]
+    assert stop > 0 and stop in [s for s, _ in ckpt.list_checkpoints(run)] + [0]
+    out, err = job.stdout(), job.stderr()
+    assert "timed-out" in out and "Requeued job" in out  # submitit's handler ran, after the checkpoint
+    assert f"stopped at step {stop} on request" in err and "(signals: SIGUSR2)" in err
+    rc, out, err = run_main(capsys, args_for(tmp_path, base_encoder, cache, "--cluster", "local", "--name", "tl",
+                                             "--wait", sets=LONG))  # the profile's own, long time limit
+    assert rc == 0, out + err
+    assert train_steps(run) == list(range(2, 41, 2))  # no step lost, none logged twice
+    assert_same_weights(final_weights(run), reference)
+
+
+# ---------------------------------------------------------------- SLURM (the local test cluster)
+
+def _slurm_conf() -> str | None:
+    if os.environ.get("SLURM_CONF"):
+        return os.environ["SLURM_CONF"]
+    conf = Path(os.environ.get("ADVFT_SLURM_STATE", "/var/lib/advft-slurm")) / "etc" / "slurm.conf"
+    return str(conf) if conf.is_file() else None
+
+
+@pytest.fixture
+def slurm(monkeypatch):
+    """The local cluster's environment; cancels, at the end, every job the test's sweeps submitted."""
+    conf = _slurm_conf()
+    ok = bool(shutil.which("sbatch") and conf)
+    if ok:
+        probe = subprocess.run(["sinfo", "-h", "-o", "%c"], env={**os.environ, "SLURM_CONF": conf},
+                               capture_output=True, text=True, timeout=30)
+        ok = probe.returncode == 0 and probe.stdout.strip() != ""
+    require_or_skip("ADVFT_REQUIRE_SLURM", ok, "the local SLURM cluster (bash slurm/local-cluster.sh up)")
+    monkeypatch.setenv("SLURM_CONF", conf)
+    sweeps: list[Path] = []
+    yield sweeps
+    for d in sweeps:
+        ids = {e["job_id"].split("_")[0] for e in read_sweep(d).get("runs", {}).values() if e.get("job_id")}
+        if ids:
+            subprocess.run(["scancel", *ids], capture_output=True, timeout=30)
+
+
+def node_cpus() -> int:
+    out = subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True, timeout=30).stdout
+    return int(out.split()[0].rstrip("+"))
+
+
+def submit_and_wait_for_training(capsys, slurm, argv: list[str], sweep_dir: Path) -> tuple[str, str, Path]:
+    slurm.append(sweep_dir)
+    rc, out, err = run_main(capsys, argv)
+    assert rc == 0, out + err
+    name, entry = only_run(sweep_dir)
+    run = sweep_dir / name
+    wait_for(lambda: train_steps(run), "the first training step")
+    return name, entry["job_id"], run
+
+
+@pytest.mark.slurm
+def test_slurm_sweep_is_one_job_array_and_sacct_shows_it(slurm, tmp_path, base_encoder, cache, capsys):
+    d = tmp_path / "arr"
+    slurm.append(d)
+    rc, out, err = run_main(capsys, args_for(tmp_path, base_encoder, cache, "--cluster", "slurm", "--name", "arr",
+                                             "--grid", "alpha=0,0.1", "--wait"))
+    assert rc == 0, out + err
+    rec = read_sweep(d)
+    ids = sorted(e["job_id"] for e in rec["runs"].values())
+    array = ids[0].split("_")[0]
+    assert ids == [f"{array}_0", f"{array}_1"] and rec["submissions"][0]["job_ids"] == ids
+    acct = subprocess.run(["sacct", "-n", "-X", "-P", "-j", array, "-o", "JobID,State"], capture_output=True,
+                          text=True, timeout=30).stdout.split()
+    assert sorted(acct) == [f"{array}_0|COMPLETED", f"{array}_1|COMPLETED"]
+    assert all(json.loads((Path(e["dir"]) / "results.json").read_text())["status"] == "finished"
+               for e in rec["runs"].values())
+
+
+@pytest.mark.slurm
+def test_slurm_interrupt_and_partition_preemption_requeue_and_the_run_ends_bit_identical(
+        slurm, tmp_path, base_encoder, cache, reference, capsys):
+    import submitit
+
+    cpus = node_cpus()  # the run takes the whole node in the low partition, so a high job must preempt it
+    argv = args_for(tmp_path, base_encoder, cache, "--cluster", "slurm", "--name", "cut", "--partition", "low",
+                    "--cluster-set", f"cpus_per_task={cpus}", sets=LONG)
+    name, job_id, run = submit_and_wait_for_training(capsys, slurm, argv, tmp_path / "cut")
+    # 1. submitit's test hook (SIGTERM then USR2, as SLURM does): the run stops at a step boundary, the job
+    #    requeues itself through submitit
+    job = submitit.SlurmJob(folder=read_sweep(tmp_path / "cut")["cluster"]["submitit_folder"], job_id=job_id)
+    job._interrupt()
+    wait_for(lambda: len(starts(run)) == 2 and train_steps(run)[-1] > starts(run)[1]["resume_step"],
+             "training after the first requeue")
+    # 2. partition preemption: SIGTERM only; SLURM requeues the job itself
+    high = subprocess.run(["sbatch", "--parsable", "-p", "high", "-c", str(cpus), "-o", "/dev/null", "--wrap",
+                           "sleep 1"], capture_output=True, text=True, timeout=30)
+    assert high.returncode == 0, high.stderr
+    rc, out, err = run_main(capsys, argv + ["--wait"])  # finds the job queued, follows it to the end
+    assert rc == 0 and "queued or running (skipped)" in out, out + err
+    acct = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-j", job_id, "-o", "State"], capture_output=True,
+                          text=True, timeout=30).stdout.split()
+    assert acct[0] == "REQUEUED" and "PREEMPTED" in acct and acct[-1] == "COMPLETED", acct
+    seen = starts(run)
+    assert [s["slurm"].get("SLURM_RESTART_COUNT") for s in seen] == [None, "1", "2"], seen
+    # preemption may SIGKILL the run before its next log step: it then resumes from its last checkpoint
+    assert 0 < seen[1]["resume_step"] <= seen[2]["resume_step"] < 40
+    _, err = job_logs(tmp_path / "cut", job_id)
+    assert f"stopped at step {seen[1]['resume_step']} on request" in err  # at a boundary, not a periodic checkpoint
+    assert train_steps(run) == list(range(2, 41, 2))  # no step lost, none logged twice
+    assert_same_weights(final_weights(run), reference)
+
+
+@pytest.mark.slurm
+def test_slurm_time_limit_signals_the_run_which_checkpoints_requeues_and_resumes(slurm, tmp_path, base_encoder,
+                                                                                cache, capsys):
+    # a 1-minute limit with the profile's 30 s signal delay: SLURM checks limits every 30 s, so USR2 comes
+    # within the first 30 s of each start; the run is long enough to be training then
+    argv = args_for(tmp_path, base_encoder, cache, "--cluster", "slurm", "--name", "limit", "--timeout-min", "1",
+                    sets=["optim.steps=2000", "run.ckpt_every=1000"])
+    name, job_id, run = submit_and_wait_for_training(capsys, slurm, argv, tmp_path / "limit")
+    seen = wait_for(lambda: starts(run)[1:], "the requeued start", timeout_s=120)
+    stop = seen[0]["resume_step"]
+    assert 0 < stop < 2000 and ckpt.load_latest(run)[0] >= stop
+    out, err = job_logs(tmp_path / "limit", job_id)
+    # the signal was deferred to the step boundary: the run stopped there, then submitit requeued the job
+    assert f"stopped at step {stop} on request" in err and "(signals: SIGUSR2)" in err
+    assert "Caught signal SIGUSR2" in out and "timed-out" in out and f"Requeued job {job_id}" in out
