@@ -70,13 +70,15 @@ def save(run_dir: str | os.PathLike, step: int, state: dict[str, Any], keep_last
     checkpoints are untouched in that case.
     """
     d = ckpt_dir(run_dir)
-    d.mkdir(parents=True, exist_ok=True)
     final = d / f"step_{step:08d}.pt"
     tmp = d / f".{final.name}.{os.getpid()}.tmp"
     tmp_sum = d / f".{final.name}.sha256.{os.getpid()}.tmp"
+    sink = None
     try:
+        d.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            sink = _ErrorKeepingWriter(f)
+            torch.save(state, sink)
             f.flush()
             os.fsync(f.fileno())
         digest = _sha256(tmp)
@@ -87,15 +89,36 @@ def save(run_dir: str | os.PathLike, step: int, state: dict[str, Any], keep_last
         os.replace(tmp_sum, d / (final.name + ".sha256"))
         os.replace(tmp, final)
         _fsync_dir(d)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+    except (OSError, RuntimeError) as e:
+        # torch.save turns the OSError of a failed write into an opaque "unexpected pos" RuntimeError: report
+        # the OSError it swallowed ("[Errno 28] No space left on device") when there is one
+        cause = (sink.error if sink is not None else None) or e
         for p in (tmp, tmp_sum):
             try:
                 p.unlink()
             except FileNotFoundError:
                 pass
-        raise CheckpointError(f"could not write checkpoint {final}: {e}; the previous checkpoints are intact") from None
+        raise CheckpointError(f"could not write checkpoint {final}: {cause}; the previous checkpoints are intact") from None
     prune(run_dir, keep_last)
     return final
+
+
+class _ErrorKeepingWriter:
+    """The file torch.save writes to, keeping the OSError of a failed write for the error message."""
+
+    def __init__(self, f: Any) -> None:
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
 
 
 def prune(run_dir: str | os.PathLike, keep_last: int) -> None:

@@ -291,11 +291,15 @@ def build_sections(sections: Mapping[str, type], raw: Mapping[str, Any],
 def read_toml(path: str | os.PathLike) -> dict[str, Any]:
     """Parse a TOML job file; ConfigError naming the path when missing, unreadable or invalid."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"job file {p} is a directory; give a TOML file, e.g. jobs/demo.toml")
     if not p.is_file():
         raise ConfigError(f"job file not found: {p}")
     try:
-        return tomllib.loads(p.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        return tomllib.loads(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"job file {p} is not UTF-8 text (byte {e.start}); job files are TOML") from None
+    except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"job file {p} is not valid TOML: {e}") from None
     except OSError as e:
         raise ConfigError(f"job file {p} cannot be read: {e.strerror}") from None
@@ -366,9 +370,9 @@ def validate(cfg: Config, world_size: int = 1, check_paths: bool = True) -> Conf
             if cfg.data.val_path:
                 need(Path(cfg.data.val_path).exists(), f"data.val_path: {cfg.data.val_path} does not exist")
         need(bool(cfg.model.checkpoint), "model.checkpoint is empty; fine-tuning needs the pretrained base encoder file")
-        need(Path(cfg.model.checkpoint).is_file(), f"model.checkpoint: {cfg.model.checkpoint} does not exist")
-        if cfg.model.head:
-            need(Path(cfg.model.head).is_file(), f"model.head: {cfg.model.head} does not exist")
+        for key, value in (("model.checkpoint", cfg.model.checkpoint), ("model.head", cfg.model.head)):
+            need(not value or not Path(value).is_dir(), f"{key}: {value} is a directory; give the checkpoint file")
+            need(not value or Path(value).is_file(), f"{key}: {value} does not exist")
     return cfg
 
 

@@ -69,28 +69,40 @@ def attack_init(seed: int, step: int, global_shape: torch.Size, rank: int, world
     return u[rank * b:(rank + 1) * b]
 
 
-def fare_step(m: StepModels, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, step: int, cfg, *,
-              rank: int = 0, world: int = 1) -> dict[str, Tensor]:
-    """Attack, FARE loss, backward and optimizer step for global step ``step``; detached metrics back."""
-    device = x.device
-    amp = autocast(device, cfg.run.precision)
-    for g in opt.param_groups:
-        g["lr"] = cfg.optim.lr * lr_factor(step, cfg.optim.warmup_steps, cfg.optim.steps, cfg.optim.min_lr_ratio)
-    with torch.no_grad(), autocast(device, cfg.run.precision):
-        target = m.phi_org(x).float()
+def adversarial_batch(m: StepModels, x: Tensor, y: Tensor, target: Tensor, step: int, cfg, *,
+                      rank: int = 0, world: int = 1) -> Tensor:
+    """The attack of global step ``step`` on this rank's batch (float32, detached, inside the eps-ball).
+
+    phi goes through ``m.phi_fn`` (never DDP), in eval mode, with its parameters frozen and under the run's
+    autocast; its train/eval flag is restored afterwards. ``target`` = phi_org(x) in float32. Separate from
+    :func:`fare_step` so that the benchmarks time exactly the attack the step runs.
+    """
     if cfg.attack.objective == "ce_head":
         head, phi_fn = m.head, m.phi_fn
         fwd = lambda z: head(phi_fn(z))  # noqa: E731
         loss_fn = ce_loss(y)
     else:
         fwd, loss_fn = m.phi_fn, embedding_loss(target)
-    init = attack_init(cfg.run.seed, step, torch.Size((cfg.data.batch_size, *x.shape[1:])), rank, world, device)
+    init = attack_init(cfg.run.seed, step, torch.Size((cfg.data.batch_size, *x.shape[1:])), rank, world, x.device)
     attack = apgd if cfg.attack.name == "apgd" else pgd
-    bn_train = cfg.model.bn == "train"
+    was_training = m.phi.training
     m.phi.eval()  # the attack never updates BN statistics
-    with frozen(m.phi), amp:
+    with frozen(m.phi), autocast(x.device, cfg.run.precision):
         z = attack(fwd, x, loss_fn, eps=cfg.attack.eps_pixels, n_iter=cfg.attack.steps, init=init)
-    m.phi.train(bn_train)
+    m.phi.train(was_training)
+    return z
+
+
+def fare_step(m: StepModels, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, step: int, cfg, *,
+              rank: int = 0, world: int = 1) -> dict[str, Tensor]:
+    """Attack, FARE loss, backward and optimizer step for global step ``step``; detached metrics back."""
+    device = x.device
+    for g in opt.param_groups:
+        g["lr"] = cfg.optim.lr * lr_factor(step, cfg.optim.warmup_steps, cfg.optim.steps, cfg.optim.min_lr_ratio)
+    with torch.no_grad(), autocast(device, cfg.run.precision):
+        target = m.phi_org(x).float()
+    z = adversarial_batch(m, x, y, target, step, cfg, rank=rank, world=world)
+    m.phi.train(cfg.model.bn == "train")
     mf = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
     with autocast(device, cfg.run.precision):
         out = fare_loss(m.phi_ddp, z.contiguous(memory_format=mf), x, target, cfg.loss.alpha, cfg.loss.reduction)

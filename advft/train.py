@@ -97,6 +97,11 @@ def finetune(cfg: C.Config, *, should_stop: Callable[[], bool] | None = None, gr
     acc = accelerator or make_accelerator(cfg.run.device)
     C.validate(cfg, world_size=acc.num_processes)
     device, rank, world, is_main = acc.device, acc.process_index, acc.num_processes, acc.is_main_process
+    # ---- models: phi_org frozen and never wrapped; phi trainable. Read before the run folder is created:
+    # a base encoder or head that cannot be used is bad input, and bad input writes nothing ----
+    phi_org = load_encoder(cfg.model.checkpoint, arch=cfg.model.arch, stem=cfg.model.stem,
+                           normalize=cfg.model.normalize).to(device)
+    head = load_head(cfg.model.head, phi_org.feature_dim).to(device).requires_grad_(False) if cfg.model.head else None
     run_dir = prepare_run_dir(cfg, is_main)
     acc.wait_for_everyone()
     results_path = run_dir / "results.json"
@@ -106,15 +111,11 @@ def finetune(cfg: C.Config, *, should_stop: Callable[[], bool] | None = None, gr
             log.info("run %s already finished; nothing to do", run_dir)
             return res
 
-    # ---- models: phi_org frozen and never wrapped; phi trainable ----
-    phi_org = load_encoder(cfg.model.checkpoint, arch=cfg.model.arch, stem=cfg.model.stem,
-                           normalize=cfg.model.normalize).to(device)
     phi_org.eval().requires_grad_(False)
     if cfg.run.channels_last:
         phi_org = phi_org.to(memory_format=torch.channels_last)
     phi = copy.deepcopy(phi_org).requires_grad_(True)
     org_ref = {k: v.clone() for k, v in phi_org.state_dict().items()}  # checked unchanged at the end
-    head = load_head(cfg.model.head, phi.feature_dim).to(device).requires_grad_(False) if cfg.model.head else None
     opt = build_optimizer(phi.parameters(), cfg.optim, device)
 
     start = 0
@@ -191,7 +192,8 @@ def finetune(cfg: C.Config, *, should_stop: Callable[[], bool] | None = None, gr
             x, y = next(loader)
             out = fare_step(models, opt, x, y, step, cfg, rank=rank, world=world)
             nonfinite = ~torch.isfinite(out["loss"])
-            first_bad = torch.where(nonfinite & ~bad, torch.tensor(step, device=device), first_bad)
+            # full_like is a device-side fill; torch.tensor(step, device=...) would be a blocking copy (a sync)
+            first_bad = torch.where(nonfinite & ~bad, torch.full_like(first_bad, step), first_bad)
             bad = bad | nonfinite
             for k, v in out.items():
                 sums[k] = sums.get(k, 0) + v.detach().float()
@@ -218,7 +220,8 @@ def finetune(cfg: C.Config, *, should_stop: Callable[[], bool] | None = None, gr
                 run_eval(done, strong=False)
             if done % cfg.run.ckpt_every == 0 and done != steps:
                 save(done)
-            if should_stop is not None and done % cfg.run.log_every == 0 and _any_rank(should_stop(), device):
+            if (should_stop is not None and done % cfg.run.log_every == 0 and done != steps
+                    and _any_rank(should_stop(), device)):  # the last step goes on to the final save
                 if done % cfg.run.ckpt_every != 0:
                     save(done)
                 raise Interrupted(done)

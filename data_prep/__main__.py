@@ -14,14 +14,22 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from data_prep.sources import PrepError
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's errors in one line, like every other bad input (the subcommands' parsers are of this class too)."""
+
+    def error(self, message: str) -> None:
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="python -m data_prep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(s: argparse.ArgumentParser) -> None:
@@ -64,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[data_prep] %(message)s", stream=sys.stderr)
     try:
+        if args.workers < 0:
+            raise PrepError(f"--workers must be >= 0 (0 = one per CPU), got {args.workers}")
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise PrepError(f"output {args.out} exists and is not a folder; give a folder (created if missing)")
         if args.command == "ffcv":
             from data_prep.ffcv_prep import FFCVSettings, convert
 
