@@ -5,7 +5,8 @@ Works as a single process or under torchrun / ``accelerate launch`` / srun: the 
 from the environment (on CPU, set ACCELERATE_USE_CPU=1 for several gloo ranks). The run lives in
 ``<run.root>/<run.name>/`` and resumes itself from there when started again; rerunning a finished run does
 nothing. Exit codes: 0 done, 2 bad input (one line on stderr), 3 training failed (non-finite loss),
-4 checkpoint write failed, 75 interrupted on request (checkpoint written; rerun to resume).
+4 checkpoint or run folder write failed (disk full or read-only), 75 interrupted on request (checkpoint
+written; rerun to resume).
 
 Stop requests (for batch scripts that requeue themselves, see slurm/*.sbatch): with ``--stop-signals
 TERM,USR1`` (or ADVFT_STOP_SIGNALS) those signals, and with ``--stop-file PATH`` (or ADVFT_STOP_FILE) the
@@ -14,6 +15,7 @@ appearance of that file, make the run checkpoint at the next log step (all ranks
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -83,6 +85,12 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 4
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise  # not a full or read-only disk: keep the traceback, it is a bug or a broken machine
+        print(f"error: cannot write the run folder {cfg.run.dir}: {e.strerror}; the checkpoints already there "
+              f"are intact, rerun when there is room", file=sys.stderr)
         return 4
     except Interrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
