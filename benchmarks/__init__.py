@@ -1,0 +1,1 @@
+"""Throughput and scaling benchmarks (run as scripts: ``python benchmarks/throughput.py --help``)."""
