@@ -32,6 +32,10 @@ def make_accelerator(device: str = "auto"):
     world = env_world_size()
     if not cuda and world > 1:
         os.environ.setdefault("ACCELERATE_USE_CPU", "1")
+    # With gloo and OMP_NUM_THREADS unset, accelerate resets torch's thread count to cores / local ranks,
+    # overriding what the caller chose (a submitit job sets cpus_per_task threads). Float reductions, and
+    # so a requeued run's bit-identity with an uninterrupted one, depend on the thread count: keep ours.
+    threads = torch.get_num_threads()
     acc = Accelerator(
         cpu=not cuda,
         mixed_precision="no",  # autocast is applied explicitly around the forwards that want it
@@ -41,6 +45,7 @@ def make_accelerator(device: str = "auto"):
             DistributedDataParallelKwargs(broadcast_buffers=True),
         ],
     )
+    torch.set_num_threads(threads)
     if acc.num_processes != world:
         raise RuntimeError(f"the launcher announced WORLD_SIZE={world} but accelerate started "
                            f"{acc.num_processes} process(es); on CPU set ACCELERATE_USE_CPU=1")

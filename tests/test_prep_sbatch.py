@@ -13,17 +13,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import ROOT, require_or_skip
+from slurm_util import HOW, slurm_env, wait_sacct
 from PIL import Image
 
 from data_prep.__main__ import main
@@ -157,25 +156,12 @@ def test_sbatch_script_passes_shellcheck() -> None:
 # ---------------------------------------------------------------- the sbatch script on the local cluster
 
 
-def _slurm_conf() -> str | None:
-    if os.environ.get("SLURM_CONF"):
-        return os.environ["SLURM_CONF"]
-    conf = Path(os.environ.get("ADVFT_SLURM_STATE", "/var/lib/advft-slurm")) / "etc" / "slurm.conf"
-    return str(conf) if conf.is_file() else None
-
-
 @pytest.fixture
 def slurm() -> tuple[dict[str, str], list[str]]:
     """(environment for SLURM commands, list of submitted job ids) once the local cluster answers;
     whatever of those jobs is still queued at the end is cancelled."""
-    conf = _slurm_conf()
-    ok = bool(shutil.which("sbatch") and conf)
-    if ok:
-        probe = subprocess.run(["sinfo", "-h", "-o", "%c"], env={**os.environ, "SLURM_CONF": conf},
-                               capture_output=True, text=True, timeout=30)
-        ok = probe.returncode == 0 and probe.stdout.strip() != ""
-    require_or_skip("ADVFT_REQUIRE_SLURM", ok, "the local SLURM cluster (bash slurm/local-cluster.sh up)")
-    env = {**os.environ, "SLURM_CONF": str(conf)}
+    env = slurm_env()
+    require_or_skip("ADVFT_REQUIRE_SLURM", env is not None, HOW)
     submitted: list[str] = []
     yield env, submitted
     if submitted:
@@ -198,19 +184,6 @@ def _sbatch_wait(slurm: tuple[dict[str, str], list[str]], log: Path, settings: d
     return job_id
 
 
-def _wait_done(env: dict[str, str], job_id: str, timeout_s: float = 480) -> list[tuple[str, str]]:
-    """(job id, state) of every task of ``job_id`` once none is pending or running any more."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "JobID,State"], env=env,
-                             capture_output=True, text=True, timeout=30).stdout
-        rows = [tuple(line.split("|")[:2]) for line in out.splitlines() if line.strip()]
-        if rows and not any(s.split()[0] in ("PENDING", "RUNNING", "REQUEUED", "CONFIGURING") for _, s in rows):
-            return rows
-        assert time.monotonic() < deadline, f"job {job_id} still not finished after {timeout_s:.0f} s: {rows}"
-        time.sleep(1)
-
-
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_dali_conversion_as_list_job_shard_array_and_finish_job(slurm, tree: Path, one_run: Path,
@@ -225,8 +198,9 @@ def test_dali_conversion_as_list_job_shard_array_and_finish_job(slurm, tree: Pat
     assert found, driver
     shards_job, finish_job = found.groups()
     submitted += [shards_job, finish_job]
-    assert _wait_done(env, finish_job) == [(finish_job, "COMPLETED")]
-    assert sorted(_wait_done(env, shards_job)) == [(f"{shards_job}_{i}", "COMPLETED") for i in range(3)]
+    wait_sacct(env, finish_job, [f"{finish_job}|COMPLETED"], "JobID,State", timeout_s=480)
+    # the array's tasks appear as separate records in the accounting some time after the array has run
+    wait_sacct(env, shards_job, [f"{shards_job}_{i}|COMPLETED" for i in range(3)], "JobID,State", sort=True)
     # Task i of 3 wrote shards [4i/3, 4(i+1)/3): 0, 1, 2..3; logs sit next to the first job's.
     ranges = {i: (logs / f"slurm-advft-prep-test-shards-{shards_job}_{i}.out").read_text() for i in range(3)}
     for i, rng in enumerate(("0:1", "1:2", "2:4")):

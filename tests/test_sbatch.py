@@ -6,9 +6,7 @@ ADVFT_REQUIRE_SLURM=1): one CPU node, so two gloo ranks in one task stand in for
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -16,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import require_or_skip
+from slurm_util import HOW, node_cpus, slurm_env, wait_sacct
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ["slurm/cifar10.sbatch", "slurm/imagenet.sbatch"]
@@ -34,18 +33,6 @@ def test_sbatch_scripts_parse_and_ask_for_one_task_per_node_requeue_and_an_early
                   "scontrol show hostnames", "scontrol requeue \"$SLURM_JOB_ID\""):
         assert piece in body, piece
     assert subprocess.run(["bash", "-n", str(ROOT / "slurm" / "run-accelerate.sh")]).returncode == 0
-
-
-def _slurm_env() -> dict[str, str] | None:
-    conf = os.environ.get("SLURM_CONF")
-    if not conf:
-        default = Path(os.environ.get("ADVFT_SLURM_STATE", "/var/lib/advft-slurm")) / "etc" / "slurm.conf"
-        conf = str(default) if default.is_file() else None
-    if not (conf and shutil.which("sbatch")):
-        return None
-    env = {**os.environ, "SLURM_CONF": conf}
-    probe = subprocess.run(["sinfo", "-h", "-o", "%c"], env=env, capture_output=True, text=True, timeout=30)
-    return env if probe.returncode == 0 and probe.stdout.strip() else None
 
 
 def _wait_for(probe, what: str, timeout_s: float = 240.0):
@@ -68,10 +55,9 @@ def _records(run: Path, kind: str) -> list[dict]:
 @pytest.mark.slurm
 def test_cifar10_sbatch_trains_two_gloo_ranks_through_srun_and_requeues_itself_on_its_signal(
         tmp_path, base_encoder):
-    env = _slurm_env()
-    require_or_skip("ADVFT_REQUIRE_SLURM", env is not None, "the local SLURM cluster (bash slurm/local-cluster.sh up)")
-    cpus = int(subprocess.run(["sinfo", "-h", "-o", "%c"], env=env, capture_output=True, text=True).stdout.split()[0]
-               .rstrip("+"))
+    env = slurm_env()
+    require_or_skip("ADVFT_REQUIRE_SLURM", env is not None, HOW)
+    cpus = node_cpus(env)
     run, log = tmp_path / "ddp", tmp_path / "slurm.out"
     sets = [f"model.checkpoint={base_encoder}", f"data.path={tmp_path / 'cache'}", f"run.root={tmp_path}",
             "run.name=ddp", "model.bn=eval", "optim.steps=16", "run.ckpt_every=8", "eval.every=0",
@@ -102,6 +88,4 @@ def test_cifar10_sbatch_trains_two_gloo_ranks_through_srun_and_requeues_itself_o
     assert [s["slurm"].get("SLURM_RESTART_COUNT") for s in starts] == [None, "1"]
     assert 0 < starts[1]["resume_step"] < 16
     assert [r["step"] for r in _records(run, "train")] == list(range(2, 17, 2))  # no step lost or repeated
-    acct = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-j", job, "-o", "State"], env=env,
-                          capture_output=True, text=True, timeout=30).stdout.split()
-    assert acct == ["REQUEUED", "COMPLETED"], acct
+    wait_sacct(env, job, ["REQUEUED", "COMPLETED"], every_start=True)  # accounting lags the job's end

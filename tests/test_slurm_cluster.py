@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
+from slurm_util import slurm_conf
 
 pytestmark = pytest.mark.slurm
 
 NODE = "localhost"
-DEFAULT_STATE = Path("/var/lib/advft-slurm")
 POLL_S = 0.5
 T = TypeVar("T")
 
@@ -34,13 +34,6 @@ RESTARTABLE_JOB = (
     'n="${{SLURM_RESTART_COUNT:-0}}"; echo "start $n" >> {log}; '
     'if [ "$n" = 0 ]; then sleep 120; fi'
 )
-
-
-def _slurm_conf() -> str | None:
-    if os.environ.get("SLURM_CONF"):
-        return os.environ["SLURM_CONF"]
-    conf = Path(os.environ.get("ADVFT_SLURM_STATE", DEFAULT_STATE)) / "etc" / "slurm.conf"
-    return str(conf) if conf.is_file() else None
 
 
 def _unavailable(reason: str) -> None:
@@ -55,7 +48,7 @@ def slurm_env() -> dict[str, str]:
     """The environment for SLURM client commands, once the controller has answered."""
     if shutil.which("sbatch") is None:
         _unavailable("sbatch is not on PATH")
-    conf = _slurm_conf()
+    conf = slurm_conf()
     if conf is None:
         _unavailable("SLURM_CONF is unset and the state directory holds no slurm.conf")
     env = {**os.environ, "SLURM_CONF": conf}
@@ -201,7 +194,7 @@ def test_high_partition_job_preempts_and_requeues_a_low_job(
 
     assert _lines(starts) == ["start 0", "start 1"]
     assert _job(slurm_env, low)["Restarts"] == "1"
-    assert _sacct_states(slurm_env, low) == ["PREEMPTED", "COMPLETED"]
+    _wait_for(lambda: _sacct_states(slurm_env, low) == ["PREEMPTED", "COMPLETED"], "sacct to show both runs")
 
 
 def test_scontrol_requeue_runs_a_running_job_again(
@@ -216,4 +209,4 @@ def test_scontrol_requeue_runs_a_running_job_again(
 
     assert _lines(starts) == ["start 0", "start 1"]
     assert _job(slurm_env, job_id)["Restarts"] == "1"
-    assert _sacct_states(slurm_env, job_id) == ["REQUEUED", "COMPLETED"]
+    _wait_for(lambda: _sacct_states(slurm_env, job_id) == ["REQUEUED", "COMPLETED"], "sacct to show both runs")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from advft import checkpoint as ckpt
 from advft import config as C
 from advft.train import finetune
 from conftest import require_or_skip
+from slurm_util import HOW, slurm_env, wait_sacct
 from launch import grid as G
 from launch import sweep as S
 from launch.profiles import KEYS, PROFILE_DIR, load_profile
@@ -338,7 +338,6 @@ def test_two_sweeps_started_at_once_submit_each_run_once(tmp_path, base_encoder,
     assert sum("queued or running (skipped)" in o or "finished (skipped)" in o for o, _ in outs) == 1
 
 
-@pytest.mark.xfail(reason='KNOWN BUG (open, issue 3): a sweep job that was interrupted and requeued ends with weights that differ deterministically from the in-process uninterrupted reference (conv1.weight[0,0,0,0] 0.019541 vs 0.018727 in two clean-clone runs); the in-process and real-SIGUSR1 requeues of tests/faults are bit-identical, so the difference lies in the sweep/job path or in this reference', strict=False)
 def test_local_time_limit_requeues_and_the_finished_run_is_bit_identical(tmp_path, base_encoder, cache,
                                                                          reference, capsys):
     # submitit's local controller sends USR2 `timeout - signal_delay` = 10 s into every start of the job and
@@ -368,35 +367,18 @@ def test_local_time_limit_requeues_and_the_finished_run_is_bit_identical(tmp_pat
 
 # ---------------------------------------------------------------- SLURM (the local test cluster)
 
-def _slurm_conf() -> str | None:
-    if os.environ.get("SLURM_CONF"):
-        return os.environ["SLURM_CONF"]
-    conf = Path(os.environ.get("ADVFT_SLURM_STATE", "/var/lib/advft-slurm")) / "etc" / "slurm.conf"
-    return str(conf) if conf.is_file() else None
-
-
 @pytest.fixture
 def slurm(monkeypatch):
     """The local cluster's environment; cancels, at the end, every job the test's sweeps submitted."""
-    conf = _slurm_conf()
-    ok = bool(shutil.which("sbatch") and conf)
-    if ok:
-        probe = subprocess.run(["sinfo", "-h", "-o", "%c"], env={**os.environ, "SLURM_CONF": conf},
-                               capture_output=True, text=True, timeout=30)
-        ok = probe.returncode == 0 and probe.stdout.strip() != ""
-    require_or_skip("ADVFT_REQUIRE_SLURM", ok, "the local SLURM cluster (bash slurm/local-cluster.sh up)")
-    monkeypatch.setenv("SLURM_CONF", conf)
+    env = slurm_env()
+    require_or_skip("ADVFT_REQUIRE_SLURM", env is not None, HOW)
+    monkeypatch.setenv("SLURM_CONF", env["SLURM_CONF"])
     sweeps: list[Path] = []
     yield sweeps
     for d in sweeps:
         ids = {e["job_id"].split("_")[0] for e in read_sweep(d).get("runs", {}).values() if e.get("job_id")}
         if ids:
             subprocess.run(["scancel", *ids], capture_output=True, timeout=30)
-
-
-def node_cpus() -> int:
-    out = subprocess.run(["sinfo", "-h", "-o", "%c"], capture_output=True, text=True, timeout=30).stdout
-    return int(out.split()[0].rstrip("+"))
 
 
 def submit_and_wait_for_training(capsys, slurm, argv: list[str], sweep_dir: Path) -> tuple[str, str, Path]:
@@ -420,22 +402,19 @@ def test_slurm_sweep_is_one_job_array_and_sacct_shows_it(slurm, tmp_path, base_e
     ids = sorted(e["job_id"] for e in rec["runs"].values())
     array = ids[0].split("_")[0]
     assert ids == [f"{array}_0", f"{array}_1"] and rec["submissions"][0]["job_ids"] == ids
-    acct = subprocess.run(["sacct", "-n", "-X", "-P", "-j", array, "-o", "JobID,State"], capture_output=True,
-                          text=True, timeout=30).stdout.split()
-    assert sorted(acct) == [f"{array}_0|COMPLETED", f"{array}_1|COMPLETED"]
+    wait_sacct(dict(os.environ), array, [f"{array}_0|COMPLETED", f"{array}_1|COMPLETED"], "JobID,State", sort=True)
     assert all(json.loads((Path(e["dir"]) / "results.json").read_text())["status"] == "finished"
                for e in rec["runs"].values())
 
 
 @pytest.mark.slurm
-@pytest.mark.xfail(reason='KNOWN BUG (open, issue 3): a sweep job that was interrupted and requeued ends with weights that differ deterministically from the in-process uninterrupted reference (conv1.weight[0,0,0,0] 0.019541 vs 0.018727 in two clean-clone runs); the in-process and real-SIGUSR1 requeues of tests/faults are bit-identical, so the difference lies in the sweep/job path or in this reference', strict=False)
 def test_slurm_interrupt_and_partition_preemption_requeue_and_the_run_ends_bit_identical(
         slurm, tmp_path, base_encoder, cache, reference, capsys):
     import submitit
 
-    cpus = node_cpus()  # the run takes the whole node in the low partition, so a high job must preempt it
+    # the run keeps the profile's 1 CPU (and so the reference's 1 thread); the high job asks for the whole node
     argv = args_for(tmp_path, base_encoder, cache, "--cluster", "slurm", "--name", "cut", "--partition", "low",
-                    "--cluster-set", f"cpus_per_task={cpus}", sets=LONG)
+                    sets=LONG)
     name, job_id, run = submit_and_wait_for_training(capsys, slurm, argv, tmp_path / "cut")
     # 1. submitit's test hook (SIGTERM then USR2, as SLURM does): the run stops at a step boundary, the job
     #    requeues itself through submitit
@@ -444,14 +423,14 @@ def test_slurm_interrupt_and_partition_preemption_requeue_and_the_run_ends_bit_i
     wait_for(lambda: len(starts(run)) == 2 and train_steps(run)[-1] > starts(run)[1]["resume_step"],
              "training after the first requeue")
     # 2. partition preemption: SIGTERM only; SLURM requeues the job itself
-    high = subprocess.run(["sbatch", "--parsable", "-p", "high", "-c", str(cpus), "-o", "/dev/null", "--wrap",
+    high = subprocess.run(["sbatch", "--parsable", "-p", "high", "--exclusive", "-o", "/dev/null", "--wrap",
                            "sleep 1"], capture_output=True, text=True, timeout=30)
     assert high.returncode == 0, high.stderr
     rc, out, err = run_main(capsys, argv + ["--wait"])  # finds the job queued, follows it to the end
     assert rc == 0 and "queued or running (skipped)" in out, out + err
-    acct = subprocess.run(["sacct", "-n", "-X", "-D", "-P", "-j", job_id, "-o", "State"], capture_output=True,
-                          text=True, timeout=30).stdout.split()
-    assert acct[0] == "REQUEUED" and "PREEMPTED" in acct and acct[-1] == "COMPLETED", acct
+    # the interrupt requeued the job, the preemption requeued it again (accounting lags the job's end)
+    wait_sacct(dict(os.environ), job_id, lambda acct: acct[:1] == ["REQUEUED"] and "PREEMPTED" in acct
+               and acct[-1:] == ["COMPLETED"], every_start=True)
     seen = starts(run)
     assert [s["slurm"].get("SLURM_RESTART_COUNT") for s in seen] == [None, "1", "2"], seen
     # preemption may SIGKILL the run before its next log step: it then resumes from its last checkpoint
