@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 ALIASES = {"alpha": "loss.alpha", "lr": "optim.lr"}
+CHECKOUT = Path(__file__).resolve().parent.parent  # where jobs/ lives
 
 
 class ConfigError(ValueError):
@@ -52,6 +53,10 @@ class ModelConfig:
     normalize: str = "none"  # none | imagenet | cifar10: mean/std applied inside forward
     bn: str = "train"  # BatchNorm mode of the training forward: train (as the report) | eval
     head: str = ""  # optional fixed linear head file {'state_dict': {'weight','bias'}}
+    # A pretraining job file (advft.pretrain; "" = none) whose <run.root>/<run.name>/encoder.pt IS `checkpoint`:
+    # launch/sweep.py runs it first (once) when that file is missing. Resolved like a job file: as given, or
+    # in this checkout (jobs/...). Not in the config hash: given the checkpoint it does not change the result.
+    pretrain: str = ""
 
 
 @dataclass(frozen=True)
@@ -137,10 +142,13 @@ class Config:
         return out
 
     def hash(self, exclude_run: bool = True) -> str:
-        """Short hash of everything that changes the result (the run section's name/root excluded)."""
+        """Short hash of everything that changes the result (run name/root/progress/wandb, model.pretrain excluded)."""
         d = self.to_dict()
         if exclude_run:
             d["run"] = {k: v for k, v in d["run"].items() if k not in ("name", "root", "progress", "wandb")}
+        # how the base encoder is made is not part of the run: model.checkpoint names the weights it starts from
+        # (and a job file that gains model.pretrain keeps its run names, so its finished runs are found again)
+        del d["model"]["pretrain"]
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
 
 
@@ -318,8 +326,12 @@ def load(path: str | os.PathLike | None, overrides: list[str] | Mapping[str, Any
     return from_dict(raw, overrides)
 
 
-def validate(cfg: Config, world_size: int = 1, check_paths: bool = True) -> Config:
-    """Check ranges, choices and paths; raise ConfigError with one line naming the key. Returns cfg."""
+def validate(cfg: Config, world_size: int = 1, check_paths: bool = True, checkpoint_made: bool = False) -> Config:
+    """Check ranges, choices and paths; raise ConfigError with one line naming the key. Returns cfg.
+
+    ``checkpoint_made``: a missing model.checkpoint is not an error when model.pretrain makes it before the
+    run starts (launch/sweep.py does); everywhere else the file must exist.
+    """
     d = cfg.to_dict()
     for key, allowed in CHOICES.items():
         s, n = key.split(".")
@@ -370,10 +382,59 @@ def validate(cfg: Config, world_size: int = 1, check_paths: bool = True) -> Conf
             if cfg.data.val_path:
                 need(Path(cfg.data.val_path).exists(), f"data.val_path: {cfg.data.val_path} does not exist")
         need(bool(cfg.model.checkpoint), "model.checkpoint is empty; fine-tuning needs the pretrained base encoder file")
+        if cfg.model.pretrain:
+            pretrain_job(cfg)
         for key, value in (("model.checkpoint", cfg.model.checkpoint), ("model.head", cfg.model.head)):
             need(not value or not Path(value).is_dir(), f"{key}: {value} is a directory; give the checkpoint file")
+            if key == "model.checkpoint" and cfg.model.pretrain and not Path(value).is_file():
+                need(checkpoint_made, f"model.checkpoint: {value} does not exist yet; it is made by the pretraining "
+                                      f"job model.pretrain = {cfg.model.pretrain}: run python launch/pretrain.py "
+                                      f"{cfg.model.pretrain} first, or start this job with launch/sweep.py, which "
+                                      f"runs it")
+                continue
             need(not value or Path(value).is_file(), f"{key}: {value} does not exist")
     return cfg
+
+
+def resolve_job(path: str | os.PathLike) -> Path:
+    """A job file path as given; a relative one that is not there but is in this checkout (``jobs/...``) is
+    taken from the checkout, so the shipped jobs work from any directory."""
+    p = Path(path)
+    if not p.is_file() and not p.is_absolute() and (CHECKOUT / p).is_file():
+        return CHECKOUT / p
+    return p
+
+
+def pretrain_job(cfg: Config, world_size: int = 1) -> tuple[Path, Any] | None:
+    """The pretraining job of ``model.pretrain`` (None when unset): its resolved path and its validated
+    :class:`advft.pretrain.PretrainConfig`, whose output ``<run.root>/<run.name>/encoder.pt`` must be
+    ``model.checkpoint`` and whose encoder must be the model this job builds. Raises ConfigError (one line)."""
+    if not cfg.model.pretrain:
+        return None
+    from advft import pretrain as P  # lazily: advft.pretrain imports this module
+
+    job = resolve_job(cfg.model.pretrain)
+    try:
+        pcfg = P.validate(P.load_config(job), world_size=world_size)
+    except ConfigError as e:
+        raise ConfigError(f"model.pretrain = {cfg.model.pretrain}: {e}") from None
+    made = pcfg.run.dir / P.ENCODER_FILE
+    if not _same_file(made, Path(cfg.model.checkpoint)):
+        raise ConfigError(f"model.pretrain = {cfg.model.pretrain} makes {made}, but model.checkpoint = "
+                          f"{cfg.model.checkpoint} is another file; set model.checkpoint = \"{made}\" or "
+                          f"model.pretrain = \"\"")
+    for key in ("arch", "stem", "normalize"):
+        ours, theirs = getattr(cfg.model, key), getattr(pcfg.model, key)
+        if ours != theirs:
+            raise ConfigError(f"model.pretrain = {cfg.model.pretrain} makes an encoder with model.{key} = "
+                              f"{theirs!r}, but this job has model.{key} = {ours!r}; make them agree")
+    return job, pcfg
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
 
 
 def _check_extra(fmt: str) -> None:

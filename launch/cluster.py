@@ -5,13 +5,14 @@ Only this module and ``launch/job.py`` talk to submitit; cluster facts come in a
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import submitit
 
@@ -57,31 +58,60 @@ def make_executor(kind: str, folder: Path, profile: Profile, name: str = "advft"
     raise ValueError(kind)
 
 
-def submit_array(kind: str, folder: Path, profile: Profile, fns: list[Callable[[], Any]],
-                 name: str = "advft") -> list[Any]:
-    """Submit the callables as ONE job array (``executor.batch()``) named ``name``; returns submitit's jobs."""
-    ex = make_executor(kind, folder, profile, name)
+def _after(kind: str, after: list[str]) -> dict[str, Any]:
+    """sbatch options that start a job only once the jobs ``after`` have COMPLETED (exit 0); if one of them
+    fails, SLURM cancels the waiting job instead of keeping it pending forever."""
+    if not after:
+        return {}
+    if kind != "slurm":
+        raise ValueError(f"the {kind} executor has no job dependencies")  # the sweep waits itself there
+    return {"dependency": "afterok:" + ":".join(after), "additional_parameters": {"kill-on-invalid-dep": "yes"}}
+
+
+@contextlib.contextmanager
+def _importable(kind: str) -> Iterator[None]:
+    # local jobs inherit this environment (a setup line would put a shell in between)
     saved = os.environ.get("PYTHONPATH")
-    if kind == "local":  # local jobs inherit this environment (a setup line would put a shell in between)
+    if kind == "local":
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), saved) if p)
     try:
-        with ex.batch():
-            jobs = [ex.submit(fn) for fn in fns]
+        yield
     finally:
         if kind == "local":
             if saved is None:
                 os.environ.pop("PYTHONPATH", None)
             else:
                 os.environ["PYTHONPATH"] = saved
+
+
+def submit_array(kind: str, folder: Path, profile: Profile, fns: list[Callable[[], Any]],
+                 name: str = "advft", after: list[str] | None = None) -> list[Any]:
+    """Submit the callables as ONE job array (``executor.batch()``) named ``name``; returns submitit's jobs.
+    ``after``: SLURM job ids that must complete successfully first (``--dependency=afterok``)."""
+    ex = make_executor(kind, folder, profile, name)
+    ex.update_parameters(**_after(kind, after or []))
+    with _importable(kind):
+        with ex.batch():
+            jobs = [ex.submit(fn) for fn in fns]
     return jobs
 
 
-def sbatch_script(profile: Profile, folder: Path, n_runs: int, name: str = "advft") -> str:
-    """The sbatch script of a job array of ``n_runs`` runs, as submitit writes it (for --dry-run)."""
+def submit_job(kind: str, folder: Path, profile: Profile, fn: Callable[[], Any], name: str = "advft") -> Any:
+    """Submit one callable as one job (not an array) named ``name``; returns submitit's job."""
+    ex = make_executor(kind, folder, profile, name)
+    with _importable(kind):
+        return ex.submit(fn)
+
+
+def sbatch_script(profile: Profile, folder: Path, n_runs: int | None, name: str = "advft",
+                  after: list[str] | None = None) -> str:
+    """The sbatch script of a job array of ``n_runs`` runs (one job when None), as submitit writes it (for
+    --dry-run); ``after`` as :func:`submit_array`."""
     from submitit.slurm.slurm import _make_sbatch_string  # submitit renders; we only show it
 
     command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
-    params: dict[str, Any] = {"job_name": name, **slurm_parameters(profile, _pythonpath_setup())}
+    params: dict[str, Any] = {"job_name": name, **slurm_parameters(profile, _pythonpath_setup()),
+                              **_after("slurm", after or [])}
     return _make_sbatch_string(command=command, folder=folder, map_count=n_runs, **params)
 
 

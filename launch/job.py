@@ -1,4 +1,5 @@
 """One advft run as a submitit job: a :class:`submitit.helpers.Checkpointable` that requeues WITHOUT losing a step.
+The run is a fine-tuning (:class:`FinetuneJob`) or the pretraining of a sweep's base encoder (:class:`PretrainJob`).
 
 submitit's own handler of its requeue signal (USR2: time limit or preemption) calls ``checkpoint()``,
 requeues the job and exits, right where the signal landed: in the middle of a training step, maybe in a
@@ -6,7 +7,7 @@ collective that the other ranks are still waiting in. So while the run trains, t
 handler with one that only raises a flag. The engine polls the flag at log steps (all ranks agree on the
 step through one all-reduce), checkpoints at that step boundary and raises ``Interrupted``; only then
 does the job call submitit's handler, which requeues it. The requeued job runs this same callable again
-and ``finetune`` resumes from the run folder: the pickle holds the config, the folder holds the state.
+and ``finetune`` (or ``pretrain``) resumes from the run folder: the pickle holds the config, the folder holds the state.
 
 SIGTERM (SLURM preemption of a partition, or scancel) raises the same flag; SLURM itself requeues a
 preempted job, so the job then exits without requeueing. When SIGKILL comes before the step boundary,
@@ -29,23 +30,23 @@ log = logging.getLogger("advft.job")
 EXIT_STOPPED = 75  # EX_TEMPFAIL, as launch/train.py: checkpoint written, the run continues when started again
 
 
-class FinetuneJob(submitit.helpers.Checkpointable):
-    """Runs ``advft.train.finetune`` on a resolved config inside a submitit task (one task per GPU).
+class EngineJob(submitit.helpers.Checkpointable):
+    """An engine loop (fine-tuning, pretraining) inside a submitit task (one task per GPU), with the
+    step-boundary stop and requeue described above. Subclasses say what runs (:meth:`run`) and how to make
+    the same job again (:meth:`again`); ``threads`` is the CPU threads per task (0 = torch's default)."""
 
-    ``config`` is ``Config.to_dict()`` (plain data, so the pickle does not depend on advft's classes),
-    ``group`` the sweep name (the wandb group), ``threads`` the CPU threads per task (0 = torch's default).
-    """
+    threads: int = 0
 
-    def __init__(self, config: dict[str, Any], group: str | None = None, threads: int = 0) -> None:
-        self.config = config
-        self.group = group
-        self.threads = threads
+    def run(self, should_stop: StopFlag) -> Any:
+        raise NotImplementedError
 
-    def __call__(self) -> dict[str, Any]:
+    def again(self) -> "EngineJob":
+        raise NotImplementedError
+
+    def __call__(self) -> Any:
         import torch
 
-        from advft import config as C
-        from advft.train import Interrupted, finetune
+        from advft.train import Interrupted
 
         env = setup_distributed()
         logging.basicConfig(level=logging.INFO if env.global_rank == 0 else logging.WARNING,
@@ -53,12 +54,11 @@ class FinetuneJob(submitit.helpers.Checkpointable):
                             datefmt="%H:%M:%S")
         if self.threads:
             torch.set_num_threads(self.threads)
-        cfg = C.from_dict(self.config)
         flag = StopFlag()
         requeue_sig = submitit.JobEnvironment._usr_sig()
         deferred = flag.install([requeue_sig, signal.SIGTERM])
         try:
-            return finetune(cfg, should_stop=flag, group=self.group)
+            return self.run(flag)
         except Interrupted as e:
             log.warning("%s (signals: %s)", e, ", ".join(signal.Signals(s).name for s in flag.received))
             if requeue_sig in flag.received and callable(deferred[requeue_sig]):
@@ -76,7 +76,48 @@ class FinetuneJob(submitit.helpers.Checkpointable):
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
         """The requeued job runs the same callable; the run folder holds the state (called by submitit)."""
-        return submitit.helpers.DelayedSubmission(FinetuneJob(self.config, self.group, self.threads))
+        return submitit.helpers.DelayedSubmission(self.again())
+
+
+class FinetuneJob(EngineJob):
+    """Runs ``advft.train.finetune`` on a resolved config.
+
+    ``config`` is ``Config.to_dict()`` (plain data, so the pickle does not depend on advft's classes),
+    ``group`` the sweep name (the wandb group), ``threads`` the CPU threads per task (0 = torch's default).
+    """
+
+    def __init__(self, config: dict[str, Any], group: str | None = None, threads: int = 0) -> None:
+        self.config = config
+        self.group = group
+        self.threads = threads
+
+    def run(self, should_stop: StopFlag) -> dict[str, Any]:
+        from advft import config as C
+        from advft.train import finetune
+
+        return finetune(C.from_dict(self.config), should_stop=should_stop, group=self.group)
+
+    def again(self) -> "FinetuneJob":
+        return FinetuneJob(self.config, self.group, self.threads)
+
+
+class PretrainJob(EngineJob):
+    """Runs ``advft.pretrain.pretrain`` (SimCLR) on a resolved pretraining config (``PretrainConfig.to_dict()``);
+    returns the path of the encoder it wrote. A finished pretraining returns at once."""
+
+    def __init__(self, config: dict[str, Any], threads: int = 0) -> None:
+        self.config = config
+        self.threads = threads
+
+    def run(self, should_stop: StopFlag) -> str:
+        from advft import config as C
+        from advft import pretrain as P
+
+        cfg = P.PretrainConfig(**C.build_sections(P.SECTIONS, self.config))
+        return str(P.pretrain(cfg, should_stop=should_stop))
+
+    def again(self) -> "PretrainJob":
+        return PretrainJob(self.config, self.threads)
 
 
 def setup_distributed() -> submitit.JobEnvironment:

@@ -5,13 +5,16 @@ Every point of the cartesian product of the ``--grid`` axes is one run of the jo
 overrides), named by its grid values and config hash and living in ``<run.root>/<sweep>/<run>/``. All
 configs are validated before anything is submitted. Rerunning a sweep is safe: finished runs are skipped,
 runs whose job is still queued or running are left alone, unfinished and failed runs are submitted again
-(and resume from their last checkpoint). ``--cluster auto`` uses SLURM when ``sbatch`` is on PATH, else
-local processes; the cluster's facts come from a profile in ``slurm/profiles/`` (``--profile``, default
-``$ADVFT_PROFILE`` or ``local``) plus the overrides below.
+(and resume from their last checkpoint). When the runs' base encoder (``model.checkpoint``) is missing and
+``model.pretrain`` names the pretraining job that makes it, that job runs first, once: on SLURM the array
+waits for it (``--dependency=afterok``, and is cancelled if it fails), elsewhere the sweep waits for it and
+then submits the array; a finished pretraining is not run again. ``--cluster auto`` uses SLURM when
+``sbatch`` is on PATH, else local processes; the cluster's facts come from a profile in ``slurm/profiles/``
+(``--profile``, default ``$ADVFT_PROFILE`` or ``local``) plus the overrides below.
 
-Writes ``<run.root>/<sweep>/sweep.json`` (command line, grid, runs, job ids, cluster). Exit codes: 0 done
-(with --wait: every run finished), 1 a run failed or the cluster refused the submission, 2 bad input (one
-line on stderr; nothing written, nothing submitted).
+Writes ``<run.root>/<sweep>/sweep.json`` (command line, grid, runs, pretraining, job ids, cluster). Exit codes:
+0 done (with --wait: every run finished), 1 a run or the pretraining failed or the cluster refused the
+submission, 2 bad input (one line on stderr; nothing written, nothing submitted).
 """
 from __future__ import annotations
 
@@ -46,6 +49,24 @@ class PlannedRun:
 
 
 @dataclass(frozen=True)
+class PlannedPretrain:
+    job: Path  # the pretraining job file (model.pretrain, resolved)
+    cfg: Any  # advft.pretrain.PretrainConfig, validated, run.root absolute
+    runs: tuple[str, ...]  # the planned runs whose model.checkpoint is its encoder
+
+    @property
+    def key(self) -> str:  # its run folder: one pretraining per folder (sweep.json's key)
+        return str(self.cfg.run.dir)
+
+    @property
+    def encoder(self) -> Path:
+        return self.cfg.run.dir / "encoder.pt"
+
+    def finished(self) -> bool:
+        return run_results(self.cfg.run.dir).get("status") == "finished" and self.encoder.is_file()
+
+
+@dataclass(frozen=True)
 class Plan:
     name: str
     sweep_dir: Path
@@ -55,6 +76,7 @@ class Plan:
     runs: list[PlannedRun]
     kind: str  # slurm | local | debug
     profile: Profile
+    pretrains: tuple[PlannedPretrain, ...] = ()  # the jobs that make the runs' base encoders
 
     @property
     def submitit_dir(self) -> Path:
@@ -91,10 +113,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _job_path(job: str) -> Path:
-    p = Path(job)
-    if not p.is_file() and not p.is_absolute() and (ROOT / p).is_file():
-        return ROOT / p  # the default job works from any directory
-    return p
+    return C.resolve_job(job)  # the default job works from any directory
 
 
 def build_plan(args: argparse.Namespace) -> Plan:
@@ -127,29 +146,65 @@ def build_plan(args: argparse.Namespace) -> Plan:
         seen[name] = point
         cfg = C.replace(cfg, **{"run.name": name, "run.root": str(sweep_dir)})
         try:
-            C.validate(cfg, world_size=world)
+            C.validate(cfg, world_size=world, checkpoint_made=bool(cfg.model.pretrain))
         except C.ConfigError as e:
             raise C.ConfigError(f"run {name}: {e}" if axes else str(e)) from None
         runs.append(PlannedRun(name, point, cfg))
-    check_model_files([r.cfg for r in runs])
-    return Plan(sweep, sweep_dir, job, axes, fixed, runs, kind, profile)
+    pretrains = plan_pretraining(runs, world)
+    check_model_files([r.cfg for r in runs], made={p.encoder for p in pretrains if not p.finished()})
+    return Plan(sweep, sweep_dir, job, axes, fixed, runs, kind, profile, tuple(pretrains))
 
 
-def check_model_files(cfgs: list[C.Config]) -> None:
+def plan_pretraining(runs: list[PlannedRun], world: int) -> list[PlannedPretrain]:
+    """One pretraining per distinct pretraining run folder that the runs' model.pretrain name, validated for
+    the sweep's world size. Two different configs for one folder, or a folder that already holds a run of
+    another config, are bad input (the pretraining would refuse that folder once it starts)."""
+    from advft import pretrain as P
+
+    found: dict[Path, tuple[Path, Any, list[str]]] = {}
+    for r in runs:
+        pair = C.pretrain_job(r.cfg, world_size=world)
+        if pair is None:
+            continue
+        job, pcfg = pair
+        pcfg = dataclasses.replace(pcfg, run=dataclasses.replace(pcfg.run, root=str(Path(pcfg.run.root).resolve())))
+        folder = pcfg.run.dir
+        if folder in found and found[folder][1].hash() != pcfg.hash():
+            raise C.ConfigError(f"model.pretrain: {found[folder][0]} and {job} both make {folder / P.ENCODER_FILE} "
+                                f"with different configs; give them different run.name")
+        found.setdefault(folder, (job, pcfg, []))[2].append(r.name)
+    for folder, (job, pcfg, _) in found.items():
+        old = folder / "config.toml"
+        if old.is_file():
+            have = P.load_config(old).hash()
+            if have != pcfg.hash():
+                raise C.ConfigError(f"model.pretrain = {job}: its run folder {folder} holds a pretraining of another "
+                                    f"config (hash {have}, the job's is {pcfg.hash()}); change the job's run.name "
+                                    f"(and model.checkpoint) or remove that folder")
+    return [PlannedPretrain(job, pcfg, tuple(names)) for job, pcfg, names in found.values()]
+
+
+def check_model_files(cfgs: list[C.Config], made: set[Path] = frozenset()) -> None:
     """Read every distinct base encoder (and head) the runs will read: a file of the wrong architecture, a
-    damaged one or a pickle that needs code is bad input, refused here and not by each job once it starts."""
-    from advft.models import CheckpointFormatError, load_encoder, load_head
+    damaged one or a pickle that needs code is bad input, refused here and not by each job once it starts.
+    A base encoder in ``made`` that does not exist yet is made by a planned pretraining: not read."""
+    from advft.models import CheckpointFormatError, build_encoder, load_encoder, load_head
 
+    made = {p.resolve() for p in made}
     seen: set[tuple[str, ...]] = set()
     for cfg in cfgs:
         m = cfg.model
         if (m.checkpoint, m.arch, m.stem, m.normalize, m.head) in seen:
             continue
         seen.add((m.checkpoint, m.arch, m.stem, m.normalize, m.head))
-        try:
-            encoder = load_encoder(m.checkpoint, arch=m.arch, stem=m.stem, normalize=m.normalize)
-        except CheckpointFormatError as e:
-            raise C.ConfigError(f"model.checkpoint: {e}") from None
+        if Path(m.checkpoint).resolve() in made and not Path(m.checkpoint).is_file():
+            encoder = build_encoder(m.arch, m.stem, m.normalize)  # its shape, for the head (the pretraining's
+            # arch, stem and normalize were checked to be these)
+        else:
+            try:
+                encoder = load_encoder(m.checkpoint, arch=m.arch, stem=m.stem, normalize=m.normalize)
+            except CheckpointFormatError as e:
+                raise C.ConfigError(f"model.checkpoint: {e}") from None
         if m.head:
             try:
                 load_head(m.head, encoder.feature_dim)
@@ -179,14 +234,54 @@ def decide(plan: Plan, record: dict[str, Any]) -> dict[str, str]:
     return out
 
 
-def submit(plan: Plan, runs: list[PlannedRun]) -> list[Any]:
-    """ONE job array with one task group per run; returns the submitit jobs."""
+def decide_pretraining(plan: Plan, record: dict[str, Any], decisions: dict[str, str]) -> dict[str, str]:
+    """Per planned pretraining: 'finished' (cached: its encoder is there), 'queued' (its job, from an earlier
+    sweep, is still queued or running: reuse it), 'unneeded' (no run that needs it is to be submitted) or
+    'submit'. The same logic as :func:`decide`."""
+    from launch.cluster import active_states
+
+    known = record.get("pretraining", {})
+    by_kind: dict[str, list[str]] = {}
+    for p in plan.pretrains:
+        entry = known.get(p.key, {})
+        if entry.get("job_id"):
+            by_kind.setdefault(entry.get("cluster", plan.kind), []).append(entry["job_id"])
+    active = {i for kind, ids in by_kind.items() for i in active_states(kind, ids)}
+    out = {}
+    for p in plan.pretrains:
+        if p.finished():
+            out[p.key] = "finished"
+        elif known.get(p.key, {}).get("job_id") in active:
+            out[p.key] = ACTIVE
+        elif not any(decisions[n] == "submit" for n in p.runs):
+            out[p.key] = "unneeded"
+        else:
+            out[p.key] = "submit"
+    return out
+
+
+def _threads(plan: Plan) -> int:
+    return 0 if plan.kind == "debug" else plan.profile.cpus_per_task
+
+
+def submit(plan: Plan, runs: list[PlannedRun], after: list[str] | None = None) -> list[Any]:
+    """ONE job array with one task group per run; returns the submitit jobs. ``after``: SLURM job ids (the
+    pretraining) that must complete successfully before the array starts."""
     from launch.cluster import submit_array
     from launch.job import FinetuneJob
 
-    threads = 0 if plan.kind == "debug" else plan.profile.cpus_per_task
     return submit_array(plan.kind, plan.submitit_dir, plan.profile,
-                        [FinetuneJob(r.cfg.to_dict(), plan.name, threads) for r in runs], name=f"advft-{plan.name}")
+                        [FinetuneJob(r.cfg.to_dict(), plan.name, _threads(plan)) for r in runs],
+                        name=f"advft-{plan.name}", after=after)
+
+
+def submit_pretraining(plan: Plan, pretrains: list[PlannedPretrain]) -> dict[str, Any]:
+    """One job per pretraining (not an array: the runs' array waits for it); returns {key: submitit job}."""
+    from launch.cluster import submit_job
+    from launch.job import PretrainJob
+
+    return {p.key: submit_job(plan.kind, plan.submitit_dir, plan.profile, PretrainJob(p.cfg.to_dict(), _threads(plan)),
+                              name=f"advft-{plan.name}-pretrain") for p in pretrains}
 
 
 def _now() -> str:
@@ -194,7 +289,18 @@ def _now() -> str:
 
 
 def update_record(plan: Plan, record: dict[str, Any], argv: list[str], decisions: dict[str, str],
-                  submitted: dict[str, str]) -> dict[str, Any]:
+                  submitted: dict[str, str], pre: dict[str, str] | None = None,
+                  pre_submitted: dict[str, str] | None = None) -> dict[str, Any]:
+    pre, pre_submitted = pre or {}, pre_submitted or {}
+    pretraining = dict(record.get("pretraining", {}))
+    for p in plan.pretrains:
+        entry = dict(pretraining.get(p.key, {}))
+        entry.update({"name": p.cfg.run.name, "job": str(p.job), "dir": p.key, "encoder": str(p.encoder),
+                      "config_hash": p.cfg.hash(), "runs": list(p.runs)})
+        if p.key in pre_submitted:
+            entry.update({"job_id": pre_submitted[p.key], "cluster": plan.kind, "submitted": _now()})
+        entry["last_decision"] = pre.get(p.key, entry.get("last_decision", "-"))
+        pretraining[p.key] = entry
     runs = dict(record.get("runs", {}))
     for r in plan.runs:
         entry = dict(runs.get(r.name, {}))
@@ -204,6 +310,9 @@ def update_record(plan: Plan, record: dict[str, Any], argv: list[str], decisions
         entry["last_decision"] = decisions[r.name]
         runs[r.name] = entry
     history = list(record.get("submissions", []))
+    if pre_submitted:
+        history.append({"time": _now(), "cluster": plan.kind, "job_ids": sorted(set(pre_submitted.values())),
+                        "pretraining": sorted(pre_submitted), "command": argv})
     if submitted:
         history.append({"time": _now(), "cluster": plan.kind, "job_ids": sorted(set(submitted.values())),
                         "runs": sorted(submitted), "command": argv})
@@ -213,18 +322,34 @@ def update_record(plan: Plan, record: dict[str, Any], argv: list[str], decisions
         "cluster": {"kind": plan.kind, "profile": plan.profile.name,
                     "parameters": dataclasses.asdict(plan.profile),
                     "submitit_folder": str(plan.submitit_dir)},
-        "runs": runs, "submissions": history,
+        "runs": runs, **({"pretraining": pretraining} if pretraining else {}), "submissions": history,
     }
 
 
-def print_plan(plan: Plan, decisions: dict[str, str], job_ids: dict[str, str], dry: bool) -> None:
+def print_plan(plan: Plan, decisions: dict[str, str], job_ids: dict[str, str], dry: bool,
+               pre: dict[str, str] | None = None, pre_ids: dict[str, str] | None = None,
+               held: str = "") -> None:
+    """The plan as a table: the pretraining first (if any), then the runs. ``held``: the runs to submit wait
+    for the pretraining: 'wait' (the sweep waits for it, then submits them) or 'after' (submitted with a
+    dependency on it)."""
     p = plan.profile
     print(f"sweep {plan.name}: {len(plan.runs)} run(s) of {plan.job} in {plan.sweep_dir}\n"
           f"cluster {plan.kind}, profile {p.name}: {p.nodes} node(s) x {p.tasks} task(s), "
           f"{p.gpus_per_node} GPU(s)/node, {p.timeout_min} min/job, requeue signal {p.signal_delay_s} s before")
-    label = {"finished": "finished (skipped)", ACTIVE: "queued or running (skipped)",
-             "submit": "would submit" if dry else "submitted"}
-    rows = [[r.name, job_ids.get(r.name, "-"), label[decisions[r.name]]] for r in plan.runs]
+    pre, pre_ids = pre or {}, pre_ids or {}
+    for t in plan.pretrains:
+        print(f"pretraining {t.job} -> {t.encoder}: the base encoder of {len(t.runs)} run(s)")
+    pre_label = {"finished": "finished (cached)", ACTIVE: "queued or running (reused)",
+                 "unneeded": "not needed (no run to submit)", "submit": "would submit" if dry else "submitted"}
+    if dry:
+        submit = "would submit after the pretraining" if held else "would submit"
+    else:
+        submit = {"": "submitted", "wait": "waits for the pretraining",
+                  "after": "submitted, starts after the pretraining"}[held]
+    label = {"finished": "finished (skipped)", ACTIVE: "queued or running (skipped)", "submit": submit}
+    rows = [[f"pretraining {t.cfg.run.name}", pre_ids.get(t.key, "-"), pre_label[pre[t.key]]]
+            for t in plan.pretrains if t.key in pre]
+    rows += [[r.name, job_ids.get(r.name, "-"), label[decisions[r.name]]] for r in plan.runs]
     print(table(["run", "job id", "state"], rows))
 
 
@@ -303,46 +428,146 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def dry_run(plan: Plan) -> int:
-    """What a real sweep would do now, and the sbatch script it would submit; writes nothing."""
-    decisions = decide(plan, read_sweep(plan.sweep_dir))
-    print_plan(plan, decisions, {}, dry=True)
+    """What a real sweep would do now, and the sbatch scripts it would submit; writes nothing."""
+    record = read_sweep(plan.sweep_dir)
+    decisions = decide(plan, record)
+    pre = decide_pretraining(plan, record, decisions)
+    known = record.get("pretraining", {})
+    pre_ids = {k: known[k]["job_id"] for k, d in pre.items() if d == ACTIVE}
+    new = [t for t in plan.pretrains if pre[t.key] == "submit"]
+    print_plan(plan, decisions, {}, dry=True, pre=pre, pre_ids=pre_ids, held="after" if new or pre_ids else "")
     todo = [r for r in plan.runs if decisions[r.name] == "submit"]
     if plan.kind == "slurm" and todo:
         from launch.cluster import sbatch_script
 
+        for t in new:
+            print(f"\n# the sbatch script of the pretraining {t.cfg.run.name} ({t.job}), as submitit would write it:")
+            print(sbatch_script(plan.profile, plan.submitit_dir, None, name=f"advft-{plan.name}-pretrain"))
+        after = [*pre_ids.values(), *(["PRETRAINING_JOB_ID"] if new else [])]
         print(f"\n# the sbatch script of the job array ({len(todo)} task(s)), as submitit would write it:")
-        print(sbatch_script(plan.profile, plan.submitit_dir, len(todo), name=f"advft-{plan.name}"))
+        print(sbatch_script(plan.profile, plan.submitit_dir, len(todo), name=f"advft-{plan.name}", after=after))
     print("dry run: nothing submitted, nothing written")
     return 0
 
 
+def _refused(e: Exception) -> int:
+    # sbatch refusing (bad partition, account, ...) is one line
+    print(f"error: the cluster refused the submission: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
+    return 1
+
+
 def _submit_and_report(plan: Plan, args: argparse.Namespace, command: list[str]) -> int:
+    waiting: list[PlannedPretrain] = []
+    pre_jobs: dict[str, Any] = {}
     with sweep_lock(plan.sweep_dir):
         record = read_sweep(plan.sweep_dir)
         decisions = decide(plan, record)
+        pre = decide_pretraining(plan, record, decisions)
+        new = [t for t in plan.pretrains if pre[t.key] == "submit"]
+        if new:
+            try:
+                pre_jobs = submit_pretraining(plan, new)
+            except Exception as e:  # noqa: BLE001
+                return _refused(e)
+        pre_submitted = {k: str(j.job_id) for k, j in pre_jobs.items()}
+        record = update_record(plan, record, command, decisions, {}, pre, pre_submitted)
+        waiting = [t for t in plan.pretrains if pre[t.key] in ("submit", ACTIVE)]
+        # SLURM holds the array until the pretraining has completed; elsewhere (or for a pretraining job that an
+        # earlier sweep started outside SLURM) there are no dependencies: wait for it here, without the lock (so
+        # another sweep sees it and reuses it), then submit the runs
+        wait_here = bool(waiting) and (plan.kind != "slurm" or any(
+            record["pretraining"][t.key].get("cluster") != "slurm" for t in waiting))
         todo = [r for r in plan.runs if decisions[r.name] == "submit"]
         submitted: dict[str, str] = {}
         jobs: list[Any] = []
-        if todo:
+        if todo and not wait_here:
             try:
-                jobs = submit(plan, todo)
-            except Exception as e:  # noqa: BLE001 - sbatch refusing (bad partition, account, ...) is one line
-                print(f"error: the cluster refused the submission: {str(e).strip().splitlines()[-1]}",
-                      file=sys.stderr)
-                return 1
+                jobs = submit(plan, todo, after=[record["pretraining"][t.key]["job_id"] for t in waiting])
+            except Exception as e:  # noqa: BLE001
+                write_sweep(plan.sweep_dir, record)  # with the id of a pretraining submitted just now
+                return _refused(e)
             submitted = {r.name: str(j.job_id) for r, j in zip(todo, jobs)}
-        record = update_record(plan, record, command, decisions, submitted)
+            record = update_record(plan, record, command, decisions, submitted, pre)
         write_sweep(plan.sweep_dir, record)
+    pre_ids = {k: e.get("job_id", "-") for k, e in record.get("pretraining", {}).items()}
+    if wait_here:
+        print_plan(plan, decisions, {}, dry=False, pre=pre, pre_ids=pre_ids, held="wait")
+        if wait_pretraining(plan, waiting, record, pre_jobs, submitted_runs=False):
+            return 1
+        with sweep_lock(plan.sweep_dir):  # another sweep may have submitted the runs meanwhile
+            record = read_sweep(plan.sweep_dir)
+            decisions = decide(plan, record)
+            todo = [r for r in plan.runs if decisions[r.name] == "submit"]
+            if todo:
+                try:
+                    jobs = submit(plan, todo)
+                except Exception as e:  # noqa: BLE001
+                    return _refused(e)
+                submitted = {r.name: str(j.job_id) for r, j in zip(todo, jobs)}
+            record = update_record(plan, record, command, decisions, submitted, pre)
+            write_sweep(plan.sweep_dir, record)
+        print()
     ids = {n: e.get("job_id", "-") for n, e in record["runs"].items()}
-    print_plan(plan, decisions, ids, dry=False)
+    print_plan(plan, decisions, ids, dry=False, pre=pre, pre_ids=pre_ids,
+               held="after" if waiting and not wait_here else "")
     if not todo:
         print("nothing to submit: every run is finished or still queued")
     print(f"record: {plan.sweep_dir / 'sweep.json'}")
     hints(plan)
     if args.wait or plan.kind == "debug":
+        if waiting and not wait_here and wait_pretraining(plan, waiting, record, pre_jobs, submitted_runs=True):
+            return 1
         followed = [r.name for r in plan.runs if decisions[r.name] != "finished"]
         return follow(plan, followed, record, {r.name: j for r, j in zip(todo, jobs)})
     return 0
+
+
+def wait_pretraining(plan: Plan, waiting: list[PlannedPretrain], record: dict[str, Any], jobs: dict[str, Any],
+                     submitted_runs: bool) -> int:
+    """Follow the pretraining jobs to their end, printing a line whenever one changes (state, step).
+    Returns 0 iff every one finished; else one error line per failed one, naming its log."""
+    from launch.cluster import active_states, job_log
+
+    entries = record["pretraining"]
+    ids = {t.key: entries[t.key].get("job_id", "") for t in waiting}
+    kinds = {t.key: entries[t.key].get("cluster", plan.kind) for t in waiting}
+    errors: dict[str, str] = {}
+    if plan.kind == "debug":  # in this process, now
+        for t in waiting:
+            if t.key in jobs:
+                print(f"[{time.strftime('%H:%M:%S')}] pretraining {t.cfg.run.name}: running in this process",
+                      flush=True)
+                try:
+                    jobs[t.key].results()
+                except Exception as e:  # noqa: BLE001 - reported below, on one line
+                    errors[t.key] = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+    shown: dict[str, str] = {}
+    while True:
+        if plan.kind == "local":
+            for job in jobs.values():
+                _ = job.state  # reaps a finished controller (our child), so its pid is not counted as running
+        active: dict[str, str] = {}
+        for kind in set(kinds.values()):
+            active.update(active_states(kind, [ids[k] for k in ids if kinds[k] == kind]))
+        for t in waiting:
+            if ids[t.key] in active:
+                line = f"{active[ids[t.key]]} step {last_step(t.cfg.run.dir)}/{t.cfg.optim.steps}"
+            else:
+                line = "finished" if t.finished() else "ended without an encoder"
+            if shown.get(t.key) != line:
+                shown[t.key] = line
+                print(f"[{time.strftime('%H:%M:%S')}] pretraining {t.cfg.run.name} (job {ids[t.key] or '-'}): {line}",
+                      flush=True)
+        if not any(ids[t.key] in active for t in waiting):
+            break
+        time.sleep(POLL_S)
+    bad = [t for t in waiting if not t.finished()]
+    after = ("SLURM cancels the runs that wait for it" if submitted_runs else "no run was submitted")
+    for t in bad:
+        why = errors.get(t.key) or f"status {run_results(t.cfg.run.dir).get('status', 'none')}"
+        log = job_log(plan.submitit_dir, ids[t.key]) if ids[t.key] else "-"
+        print(f"error: the pretraining {t.cfg.run.dir} failed ({why}); {after}; log: {log}", file=sys.stderr)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

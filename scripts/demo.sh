@@ -8,6 +8,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export WANDB_MODE=${WANDB_MODE:-offline}
 if [ $# -eq 0 ]; then set -- --grid alpha=0,0.1,1; fi
-# the base encoder phi_org: pretrained once with SimCLR (a finished pretraining run returns at once)
-.venv/bin/python launch/pretrain.py jobs/demo_pretrain.toml
+# the default job (jobs/demo.toml) names its pretraining (model.pretrain): the sweep runs it first, once, when
+# the base encoder phi_org (runs/base/demo_pretrain/encoder.pt) is missing
 exec .venv/bin/python launch/sweep.py --cluster "${ADVFT_DEMO_CLUSTER:-local}" --wait "$@"
