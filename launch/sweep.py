@@ -393,7 +393,20 @@ def follow(plan: Plan, names: list[str], record: dict[str, Any], jobs: dict[str,
     for n in bad:
         if ids.get(n) and plan.kind != "debug":
             print(f"{n}: log {job_log(plan.submitit_dir, ids[n])}", file=sys.stderr)
+    write_report(plan)
     return 1 if bad else 0
+
+
+def write_report(plan: Plan) -> None:
+    """REPORT.md and its figures in the sweep folder (failed or missing runs are shown as such there); a
+    report that cannot be written is one warning line, never the sweep's failure."""
+    from advft import report as R
+
+    try:
+        print(f"report: {R.write_report(plan.sweep_dir)}")
+    except (R.ReportError, OSError) as e:
+        print(f"warning: the report was not written ({e}); try: python launch/report.py {plan.sweep_dir}",
+              file=sys.stderr)
 
 
 def hints(plan: Plan) -> None:
@@ -402,8 +415,7 @@ def hints(plan: Plan) -> None:
     if any(wandb_mode(r.cfg.run.wandb) == "offline" for r in plan.runs):
         print(f"wandb runs are offline (no API key here); upload them later with: "
               f"wandb sync {plan.sweep_dir}/*/wandb/offline-run-*")
-    if (ROOT / "launch" / "report.py").is_file():
-        print(f"report: python launch/report.py {plan.sweep_dir}")
+    print(f"report (at any time, also while runs go on): python launch/report.py {plan.sweep_dir}")
 
 
 def main(argv: list[str] | None = None) -> int:

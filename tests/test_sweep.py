@@ -287,6 +287,10 @@ def test_local_sweep_runs_records_and_reports(local_sweep):
         assert res["alpha"] == float(entry["grid"]["loss.alpha"])
     assert "clean % (initial -> final)" in out and out.count("finished") >= 4
     assert f"wandb sync {d}/*/wandb/offline-run-*" in out
+    # --wait ends with the report of the whole sweep, written into its folder, and says where it is
+    assert out.rstrip().splitlines()[-1] == f"report: {d / 'REPORT.md'}"
+    report = (d / "REPORT.md").read_text()
+    assert all(name in report for name in rec["runs"]) and (d / "figures" / "final_heatmaps.png").is_file()
 
 
 def test_wandb_is_offline_one_run_per_advft_run_and_the_key_is_written_nowhere(local_sweep):
