@@ -266,6 +266,10 @@ def test_local_sweep_pretrains_once_then_runs_the_grid(local_sweep):
     assert out.count("waits for the pretraining") == 2
     assert f"pretraining tiny_pretrain (job {pre['job_id']}): finished" in out
     assert out.index(": finished") < out.rindex("submitted")
+    # pretraining -> fine-tuning -> report, end to end: the sweep ends with the report of both runs
+    assert out.rstrip().splitlines()[-1] == f"report: {d / 'REPORT.md'}"
+    report = (d / "REPORT.md").read_text()
+    assert all(f"`{name}`" in report for name in rec["runs"]) and "- runs: 2: 2 finished" in report
 
 
 def test_a_second_sweep_submits_nothing_and_does_not_pretrain_again(local_sweep, capsys):
