@@ -108,7 +108,9 @@ class RunConfig:
     root: str = "runs"  # the run folder is root/name
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "bf16"  # fp32 | bf16 (autocast)
+    # fp32 | bf16 (autocast) | auto: bf16 where this device does bf16 in hardware (Ampere+ GPU, CPU with AMX or
+    # AVX512-BF16), else fp32 (emulated bf16: up to 21x slower, BENCHMARKS.md); resolved at run start, in manifest.json
+    precision: str = "auto"
     compile: bool = False
     channels_last: bool = True
     log_every: int = 10
@@ -169,7 +171,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "loss.reduction": ("sum", "mean"),
     "eval.head": ("probe", "fixed"),
     "run.device": ("auto", "cpu", "cuda"),
-    "run.precision": ("fp32", "bf16"),
+    "run.precision": ("fp32", "bf16", "auto"),
     "run.wandb": ("auto", "online", "offline", "disabled"),
 }
 

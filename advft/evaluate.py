@@ -56,13 +56,14 @@ def fit_probe(feats: Tensor, labels: Tensor, n_classes: int, epochs: int = 100, 
 
 def evaluate(encoder: nn.Module, probe_data: Batches, test_data: Batches, *, cfg: Any,
              device: torch.device, n_iter: int, n_targets: int = 0, head: nn.Module | None = None,
-             seed: int = 0) -> dict[str, Any]:
+             seed: int = 0, precision: str | None = None) -> dict[str, Any]:
     """Clean and robust accuracy (in %, on the test subset) of a probe (or the fixed ``head``) on ``encoder``.
 
-    ``cfg`` is the run's Config: eps (attack.eps, 1/255 units), precision, probe epochs are read from it.
+    ``cfg`` is the run's Config: eps (attack.eps, 1/255 units), probe epochs are read from it, and the
+    precision unless ``precision`` gives the run's resolved one (:func:`advft.distributed.resolve_precision`).
     """
     encoder.eval()
-    precision = cfg.run.precision
+    precision = precision or cfg.run.precision
     out: dict[str, Any] = {}
     if head is None:
         f, y = extract_features(encoder, probe_data(), device, precision)

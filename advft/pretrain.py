@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from advft import checkpoint as ckpt
 from advft import config as C
 from advft import tracking
-from advft.distributed import autocast, make_accelerator
+from advft.distributed import autocast, make_accelerator, precision_label, run_precision
 from advft.models import ARCHS, NORMALIZE, STEMS, Encoder, build_encoder, encoder_state_dict
 from advft.schedule import lr_factor
 from advft.step import step_generator
@@ -582,6 +582,8 @@ def pretrain(cfg: PretrainConfig, *, should_stop: Callable[[], bool] | None = No
     acc = accelerator or make_accelerator(cfg.run.device)
     validate(cfg, world_size=acc.num_processes)
     device, rank, world, is_main = acc.device, acc.process_index, acc.num_processes, acc.is_main_process
+    # run.precision as applied on this device ("auto" -> fp32 | bf16), once per run; config.toml keeps the request
+    precision = run_precision(cfg.run.precision, device)
     run_dir = _prepare_run_dir(cfg, is_main)
     acc.wait_for_everyone()
     results_path, encoder_path = run_dir / "results.json", run_dir / ENCODER_FILE
@@ -608,7 +610,9 @@ def pretrain(cfg: PretrainConfig, *, should_stop: Callable[[], bool] | None = No
         log.info("resumed %s from step %d", run_dir, start)
 
     if is_main:
-        tracking.update_manifest(run_dir, world, start)
+        label = precision_label(cfg.run.precision, precision)  # e.g. "fp32 (auto)"
+        log.info("precision: %s on %s", label, device)
+        tracking.update_manifest(run_dir, world, start, {"precision": label})
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
     steps = cfg.optim.steps
     metrics = tracking.MetricsLog(run_dir, start, steps=steps, initial_done="initial" in results, enabled=is_main)
@@ -621,14 +625,14 @@ def pretrain(cfg: PretrainConfig, *, should_stop: Callable[[], bool] | None = No
         net = nn.SyncBatchNorm.convert_sync_batchnorm(net)  # swaps the BN children in place
     net_fn: nn.Module = torch.compile(net) if cfg.run.compile else net
     net_ddp = acc.prepare_model(net_fn) if world > 1 else net_fn
-    amp = lambda: autocast(device, cfg.run.precision)  # noqa: E731
+    amp = lambda: autocast(device, precision)  # noqa: E731
 
     probe_data, test_data = eval_data(cfg, device)
 
     def run_eval(step: int) -> dict[str, Any] | None:
         res = None
         if is_main:  # the other ranks wait at the barrier
-            res = probe_accuracy(net.encoder, probe_data, test_data, device=device, precision=cfg.run.precision,
+            res = probe_accuracy(net.encoder, probe_data, test_data, device=device, precision=precision,
                                  epochs=cfg.eval.probe_epochs)
             metrics.log({"step": step, "kind": "eval", **res})
         net.train()

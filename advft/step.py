@@ -70,12 +70,13 @@ def attack_init(seed: int, step: int, global_shape: torch.Size, rank: int, world
 
 
 def adversarial_batch(m: StepModels, x: Tensor, y: Tensor, target: Tensor, step: int, cfg, *,
-                      rank: int = 0, world: int = 1) -> Tensor:
+                      rank: int = 0, world: int = 1, precision: str | None = None) -> Tensor:
     """The attack of global step ``step`` on this rank's batch (float32, detached, inside the eps-ball).
 
     phi goes through ``m.phi_fn`` (never DDP), in eval mode, with its parameters frozen and under the run's
     autocast; its train/eval flag is restored afterwards. ``target`` = phi_org(x) in float32. Separate from
-    :func:`fare_step` so that the benchmarks time exactly the attack the step runs.
+    :func:`fare_step` so that the benchmarks time exactly the attack the step runs. ``precision``: the
+    run's resolved precision (:func:`advft.distributed.resolve_precision`); None = ``cfg.run.precision``.
     """
     if cfg.attack.objective == "ce_head":
         head, phi_fn = m.head, m.phi_fn
@@ -87,24 +88,29 @@ def adversarial_batch(m: StepModels, x: Tensor, y: Tensor, target: Tensor, step:
     attack = apgd if cfg.attack.name == "apgd" else pgd
     was_training = m.phi.training
     m.phi.eval()  # the attack never updates BN statistics
-    with frozen(m.phi), autocast(x.device, cfg.run.precision):
+    with frozen(m.phi), autocast(x.device, precision or cfg.run.precision):
         z = attack(fwd, x, loss_fn, eps=cfg.attack.eps_pixels, n_iter=cfg.attack.steps, init=init)
     m.phi.train(was_training)
     return z
 
 
 def fare_step(m: StepModels, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, step: int, cfg, *,
-              rank: int = 0, world: int = 1) -> dict[str, Tensor]:
-    """Attack, FARE loss, backward and optimizer step for global step ``step``; detached metrics back."""
+              rank: int = 0, world: int = 1, precision: str | None = None) -> dict[str, Tensor]:
+    """Attack, FARE loss, backward and optimizer step for global step ``step``; detached metrics back.
+
+    ``precision``: fp32 | bf16, resolved once per run (:func:`advft.distributed.resolve_precision`);
+    None = ``cfg.run.precision``, which must then be fp32 or bf16, not auto.
+    """
     device = x.device
+    precision = precision or cfg.run.precision
     for g in opt.param_groups:
         g["lr"] = cfg.optim.lr * lr_factor(step, cfg.optim.warmup_steps, cfg.optim.steps, cfg.optim.min_lr_ratio)
-    with torch.no_grad(), autocast(device, cfg.run.precision):
+    with torch.no_grad(), autocast(device, precision):
         target = m.phi_org(x).float()
-    z = adversarial_batch(m, x, y, target, step, cfg, rank=rank, world=world)
+    z = adversarial_batch(m, x, y, target, step, cfg, rank=rank, world=world, precision=precision)
     m.phi.train(cfg.model.bn == "train")
     mf = torch.channels_last if cfg.run.channels_last else torch.contiguous_format
-    with autocast(device, cfg.run.precision):
+    with autocast(device, precision):
         out = fare_loss(m.phi_ddp, z.contiguous(memory_format=mf), x, target, cfg.loss.alpha, cfg.loss.reduction)
     loss = out["loss"]
     if step == cfg.run.fail_at_step:  # fault injection (tests of the non-finite path)

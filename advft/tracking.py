@@ -129,8 +129,10 @@ def environment_facts() -> dict[str, Any]:
     return facts
 
 
-def update_manifest(run_dir: Path, world_size: int, resume_step: int) -> None:
-    """Append this start (or restart) to manifest.json: versions, git, host, GPUs, command line."""
+def update_manifest(run_dir: Path, world_size: int, resume_step: int,
+                    extra: Mapping[str, Any] | None = None) -> None:
+    """Append this start (or restart) to manifest.json: versions, git, host, GPUs, command line, and the
+    ``extra`` facts this start resolved on its machine (e.g. ``{"precision": "fp32 (auto)"}``)."""
     path = run_dir / "manifest.json"
     manifest: dict[str, Any] = {}
     if path.is_file():
@@ -141,7 +143,7 @@ def update_manifest(run_dir: Path, world_size: int, resume_step: int) -> None:
     starts = manifest.get("starts", [])
     starts.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resume_step": resume_step,
                    "world_size": world_size, "argv": [a for a in sys.argv if not _looks_secret(a)],
-                   **environment_facts()})
+                   **(extra or {}), **environment_facts()})
     manifest["starts"] = starts
     write_json(path, manifest)
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from advft import checkpoint as ckpt
 from advft import config as C
 from advft import tracking
-from advft.distributed import make_accelerator
+from advft.distributed import make_accelerator, precision_label, run_precision
 from advft.models import Encoder, encoder_state_dict, load_encoder, load_head
 from advft.step import StepModels, fare_step
 
@@ -97,6 +97,8 @@ def finetune(cfg: C.Config, *, should_stop: Callable[[], bool] | None = None, gr
     acc = accelerator or make_accelerator(cfg.run.device)
     C.validate(cfg, world_size=acc.num_processes)
     device, rank, world, is_main = acc.device, acc.process_index, acc.num_processes, acc.is_main_process
+    # run.precision as applied on this device ("auto" -> fp32 | bf16), once per run; config.toml keeps the request
+    precision = run_precision(cfg.run.precision, device)
     # ---- models: phi_org frozen and never wrapped; phi trainable. Read before the run folder is created:
     # a base encoder or head that cannot be used is bad input, and bad input writes nothing ----
     phi_org = load_encoder(cfg.model.checkpoint, arch=cfg.model.arch, stem=cfg.model.stem,
@@ -128,7 +130,9 @@ def finetune(cfg: C.Config, *, should_stop: Callable[[], bool] | None = None, gr
         log.info("resumed %s from step %d", run_dir, start)
 
     if is_main:
-        tracking.update_manifest(run_dir, world, start)
+        label = precision_label(cfg.run.precision, precision)  # e.g. "fp32 (auto)"
+        log.info("precision: %s on %s", label, device)
+        tracking.update_manifest(run_dir, world, start, {"precision": label})
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.is_file() else {}
     metrics = tracking.MetricsLog(run_dir, start, steps=cfg.optim.steps, initial_done="initial" in results,
                                   enabled=is_main)
@@ -151,7 +155,8 @@ def finetune(cfg: C.Config, *, should_stop: Callable[[], bool] | None = None, gr
             phi.eval()
             res = evaluate(phi, probe_data, test_data, cfg=cfg, device=device,
                            n_iter=cfg.eval.final_attack_steps if strong else cfg.eval.attack_steps,
-                           n_targets=cfg.eval.final_targets if strong else 0, head=head, seed=cfg.run.seed)
+                           n_targets=cfg.eval.final_targets if strong else 0, head=head, seed=cfg.run.seed,
+                           precision=precision)
             phi.train(was_training)
             metrics.log({"step": step, "kind": "eval_final" if strong else "eval", **res})
         acc.wait_for_everyone()
@@ -190,7 +195,7 @@ def finetune(cfg: C.Config, *, should_stop: Callable[[], bool] | None = None, gr
     try:
         for step in range(start, steps):
             x, y = next(loader)
-            out = fare_step(models, opt, x, y, step, cfg, rank=rank, world=world)
+            out = fare_step(models, opt, x, y, step, cfg, rank=rank, world=world, precision=precision)
             nonfinite = ~torch.isfinite(out["loss"])
             # full_like is a device-side fill; torch.tensor(step, device=...) would be a blocking copy (a sync)
             first_bad = torch.where(nonfinite & ~bad, torch.full_like(first_bad, step), first_bad)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from advft import config as C
+from advft.distributed import resolve_precision
 from advft.models import Encoder, build_encoder
 from advft.step import StepModels
 from advft.train import build_optimizer
@@ -32,14 +33,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matrix work runs in hardware here (GPU with bf16, or a CPU with AVX512-BF16/AMX).
+    """Whether bf16 matrix work runs in hardware here (GPU with bf16, or a CPU with AVX512-BF16/AMX): what
+    ``run.precision = "auto"`` decides (:func:`advft.distributed.resolve_precision`), so ``--precision auto``
+    means the same here as in a run.
 
     On a CPU without it oneDNN emulates bf16 and autocast is many times SLOWER than fp32 (on this project's
-    AMD EPYC test machine: ~10x for ResNet-50 convolutions, ~500x for a 2048^3 matmul).
+    AMD EPYC test machine: ~10x for ResNet-50 convolutions, ~500x for a 2048^3 matmul). oneDNN's own
+    ``_is_mkldnn_bf16_supported()`` is not the test: it is True on any AVX512 CPU, emulation included.
     """
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return resolve_precision("auto", device) == "bf16"
 
 
 def sync(device: torch.device) -> None:
