@@ -80,9 +80,10 @@ def resolve_precision(precision: str, device: torch.device, *, cpuinfo: str | No
     Why: bf16 autocast is only fast where bf16 matrix work runs in hardware. Without it (AMD EPYC Zen 3,
     Intel Xeons without AMX/AVX512-BF16) oneDNN emulates bf16: the FARE step ran 21x SLOWER than fp32 on the
     EPYC, and an AVX512 Xeon without BF16 was still 1.7-3x slower (BENCHMARKS.md, "bf16 on this CPU"); with
-    AMX it is ~3x faster (the performance issue), and on Ampere+ GPUs bf16 is the fast path. So "auto" is "bf16" on a CUDA device with native bf16 (``torch.cuda.is_bf16_supported`` without
-    emulation: a V100 emulates bf16 and gets fp32), or on a Linux CPU whose /proc/cpuinfo flags show
-    amx_bf16 or avx512_bf16; "fp32" everywhere else (other OSes, other devices). Call it once per run, on
+    AMX it is ~3x faster (the performance issue), and on Ampere+ GPUs bf16 is the fast path. So "auto" is
+    "bf16" on a CUDA device with native bf16 (``torch.cuda.is_bf16_supported`` without emulation: a V100
+    emulates bf16 and gets fp32), or on a Linux CPU whose /proc/cpuinfo flags show amx_bf16 or avx512_bf16;
+    "fp32" everywhere else (other OSes, other devices). Call it once per run, on
     the device the run uses. ``cpuinfo``: the /proc/cpuinfo text to judge (tests), read from the file when None.
     """
     if precision in ("fp32", "bf16"):
