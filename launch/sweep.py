@@ -212,17 +212,21 @@ def check_model_files(cfgs: list[C.Config], made: set[Path] = frozenset()) -> No
                 raise C.ConfigError(f"model.head: {e}") from None
 
 
-def decide(plan: Plan, record: dict[str, Any]) -> dict[str, str]:
-    """Per run: 'finished' (skip), 'queued' (its job is still in the queue: skip) or 'submit'."""
+def _active_job_ids(entries: list[dict[str, Any]], default_kind: str) -> set[str]:
+    """The job ids of sweep.json entries whose job is still queued or running (asked once per cluster kind)."""
     from launch.cluster import active_states
 
-    known = record.get("runs", {})
     by_kind: dict[str, list[str]] = {}
-    for r in plan.runs:
-        entry = known.get(r.name, {})
+    for entry in entries:
         if entry.get("job_id"):
-            by_kind.setdefault(entry.get("cluster", plan.kind), []).append(entry["job_id"])
-    active = {i for kind, ids in by_kind.items() for i in active_states(kind, ids)}
+            by_kind.setdefault(entry.get("cluster", default_kind), []).append(entry["job_id"])
+    return {i for kind, ids in by_kind.items() for i in active_states(kind, ids)}
+
+
+def decide(plan: Plan, record: dict[str, Any]) -> dict[str, str]:
+    """Per run: 'finished' (skip), 'queued' (its job is still in the queue: skip) or 'submit'."""
+    known = record.get("runs", {})
+    active = _active_job_ids([known.get(r.name, {}) for r in plan.runs], plan.kind)
     out = {}
     for r in plan.runs:
         if run_results(r.cfg.run.dir).get("status") == "finished":
@@ -238,15 +242,8 @@ def decide_pretraining(plan: Plan, record: dict[str, Any], decisions: dict[str, 
     """Per planned pretraining: 'finished' (cached: its encoder is there), 'queued' (its job, from an earlier
     sweep, is still queued or running: reuse it), 'unneeded' (no run that needs it is to be submitted) or
     'submit'. The same logic as :func:`decide`."""
-    from launch.cluster import active_states
-
     known = record.get("pretraining", {})
-    by_kind: dict[str, list[str]] = {}
-    for p in plan.pretrains:
-        entry = known.get(p.key, {})
-        if entry.get("job_id"):
-            by_kind.setdefault(entry.get("cluster", plan.kind), []).append(entry["job_id"])
-    active = {i for kind, ids in by_kind.items() for i in active_states(kind, ids)}
+    active = _active_job_ids([known.get(p.key, {}) for p in plan.pretrains], plan.kind)
     out = {}
     for p in plan.pretrains:
         if p.finished():

@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -21,6 +24,37 @@ def require_or_skip(flag_env: str, available: bool, what: str) -> None:
     if os.environ.get(flag_env) == "1":
         pytest.fail(f"{what} is required here ({flag_env}=1) but not available")
     pytest.skip(f"{what} not available")
+
+
+def wait_for(probe: Callable[[], Any], what: str, timeout_s: float = 240.0, poll_s: float = 0.3) -> Any:
+    """Poll ``probe`` until it returns something truthy and return that; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = probe()
+        if value:
+            return value
+        time.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+@pytest.fixture
+def slurm(monkeypatch):
+    """For sweeps on the local cluster (tests/slurm_util.py): SLURM_CONF set; the test appends its sweep
+    folders to the yielded list, and every job (runs and pretrainings) they record is cancelled at the end."""
+    from launch.sweep_state import read_sweep
+    from slurm_util import HOW, slurm_env
+
+    env = slurm_env()
+    require_or_skip("ADVFT_REQUIRE_SLURM", env is not None, HOW)
+    monkeypatch.setenv("SLURM_CONF", env["SLURM_CONF"])
+    sweeps: list[Path] = []
+    yield sweeps
+    for d in sweeps:
+        rec = read_sweep(d)
+        ids = {e["job_id"].split("_")[0] for part in ("runs", "pretraining")
+               for e in rec.get(part, {}).values() if e.get("job_id")}
+        if ids:
+            subprocess.run(["scancel", *ids], capture_output=True, timeout=30)
 
 
 @pytest.fixture(scope="session")

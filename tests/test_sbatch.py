@@ -8,12 +8,11 @@ from __future__ import annotations
 import json
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
-from conftest import require_or_skip
+from conftest import require_or_skip, wait_for
 from slurm_util import HOW, node_cpus, slurm_env, wait_sacct
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -33,16 +32,6 @@ def test_sbatch_scripts_parse_and_ask_for_one_task_per_node_requeue_and_an_early
                   "scontrol show hostnames", "scontrol requeue \"$SLURM_JOB_ID\""):
         assert piece in body, piece
     assert subprocess.run(["bash", "-n", str(ROOT / "slurm" / "run-accelerate.sh")]).returncode == 0
-
-
-def _wait_for(probe, what: str, timeout_s: float = 240.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 def _records(run: Path, kind: str) -> list[dict]:
@@ -72,12 +61,12 @@ def test_cifar10_sbatch_trains_two_gloo_ranks_through_srun_and_requeues_itself_o
     assert submit.returncode == 0, submit.stderr
     job = submit.stdout.strip().split(";")[0]
     try:
-        _wait_for(lambda: _records(run, "train"), "the first training step")
+        wait_for(lambda: _records(run, "train"), "the first training step")
         # what SLURM does N seconds before the time limit (#SBATCH --signal=B:USR1@N): signal the batch shell
         subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, check=True, timeout=30)
-        _wait_for(lambda: (run / "results.json").is_file()
+        wait_for(lambda: (run / "results.json").is_file()
                   and json.loads((run / "results.json").read_text())["status"] == "finished", "the run to finish")
-        _wait_for(lambda: "srun ended with status 0" in log.read_text(), "the batch script to end", timeout_s=60)
+        wait_for(lambda: "srun ended with status 0" in log.read_text(), "the batch script to end", timeout_s=60)
     finally:
         subprocess.run(["scancel", job], env=env, capture_output=True, timeout=30)
     text = log.read_text()

@@ -21,8 +21,8 @@ import torch
 from advft import checkpoint as ckpt
 from advft import config as C
 from advft.train import finetune
-from conftest import require_or_skip
-from slurm_util import HOW, slurm_env, wait_sacct
+from conftest import wait_for
+from slurm_util import wait_sacct
 from launch import grid as G
 from launch import sweep as S
 from launch.profiles import KEYS, PROFILE_DIR, load_profile
@@ -57,16 +57,6 @@ def run_main(capsys, argv: list[str]) -> tuple[int, str, str]:
 def only_run(sweep_dir: Path) -> tuple[str, dict]:
     (name, entry), = read_sweep(sweep_dir)["runs"].items()
     return name, entry
-
-
-def wait_for(probe, what: str, timeout_s: float = 240.0, poll_s: float = 0.3):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 def train_steps(run_dir: Path) -> list[int]:
@@ -370,20 +360,6 @@ def test_local_time_limit_requeues_and_the_finished_run_is_bit_identical(tmp_pat
 
 
 # ---------------------------------------------------------------- SLURM (the local test cluster)
-
-@pytest.fixture
-def slurm(monkeypatch):
-    """The local cluster's environment; cancels, at the end, every job the test's sweeps submitted."""
-    env = slurm_env()
-    require_or_skip("ADVFT_REQUIRE_SLURM", env is not None, HOW)
-    monkeypatch.setenv("SLURM_CONF", env["SLURM_CONF"])
-    sweeps: list[Path] = []
-    yield sweeps
-    for d in sweeps:
-        ids = {e["job_id"].split("_")[0] for e in read_sweep(d).get("runs", {}).values() if e.get("job_id")}
-        if ids:
-            subprocess.run(["scancel", *ids], capture_output=True, timeout=30)
-
 
 def submit_and_wait_for_training(capsys, slurm, argv: list[str], sweep_dir: Path) -> tuple[str, str, Path]:
     slurm.append(sweep_dir)

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from advft import config as C
-from conftest import require_or_skip
-from slurm_util import HOW, slurm_env, wait_sacct
+from conftest import wait_for
+from slurm_util import wait_sacct
 from launch import sweep as S
 from launch.sweep_state import read_sweep
 
@@ -113,14 +113,6 @@ def status(run_dir: Path) -> str | None:
     return json.loads(path.read_text()).get("status") if path.is_file() else None
 
 
-def wait_for(probe, what: str, timeout_s: float = 240.0, poll_s: float = 0.3):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
 
 
 # ---------------------------------------------------------------- config: the key, its checks, the hash
@@ -354,22 +346,6 @@ def test_a_sweep_started_while_the_pretraining_runs_reuses_its_job(tmp_path, cac
 
 
 # ---------------------------------------------------------------- SLURM (the local test cluster)
-
-@pytest.fixture
-def slurm(monkeypatch):
-    """The local cluster's environment; cancels, at the end, every job the test's sweeps submitted."""
-    env = slurm_env()
-    require_or_skip("ADVFT_REQUIRE_SLURM", env is not None, HOW)
-    monkeypatch.setenv("SLURM_CONF", env["SLURM_CONF"])
-    sweeps: list[Path] = []
-    yield sweeps
-    for d in sweeps:
-        rec = read_sweep(d)
-        ids = {e["job_id"].split("_")[0] for part in ("runs", "pretraining")
-               for e in rec.get(part, {}).values() if e.get("job_id")}
-        if ids:
-            subprocess.run(["scancel", *ids], capture_output=True, timeout=30)
-
 
 def dependency(job_id: str) -> str:
     out = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=30).stdout

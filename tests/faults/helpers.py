@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import conftest
 import torch
 
 from advft import checkpoint as ckpt
@@ -79,13 +80,8 @@ def start_cli(args: list[str], log_dir: Path, env: dict[str, str] | None = None)
 
 
 def wait_for(probe: Callable[[], Any], what: str, timeout_s: float = 180.0, poll_s: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = probe()
-        if value:
-            return value
-        time.sleep(poll_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+    """conftest.wait_for, polling fast: a trial acts at a chosen step of a run that takes seconds."""
+    return conftest.wait_for(probe, what, timeout_s, poll_s)
 
 
 # ---------------------------------------------------------------- what a run folder says
