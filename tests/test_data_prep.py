@@ -403,6 +403,52 @@ def test_dali_cpu_evaluation_view_equals_pil_and_centre_crop(need_dali, tree: Pa
     assert (x - _views(tree, files)).abs().max() * 255 < 2.5
 
 
+def _dali_uint8_then_torch(path: Path, *, transform: str, train: bool, global_batch: int, seed: int,
+                           steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """What the DALI loader gave before it scaled in the pipeline: the same reader, crops, seed and
+    op order, flipped with ``fn.flip`` and left uint8 HWC, then permuted and divided by 255 in torch."""
+    from nvidia.dali import fn
+
+    root, files, labels = dali_loader._read_file_list(path)
+    sampler = ShardedBatchSampler(len(files), global_batch, seed=seed, shuffle=train, infinite=train)
+    order = [i for _, epoch, ix in itertools.islice(sampler, steps) for i in ix if epoch == 0]
+
+    def build():
+        encoded, y = fn.readers.file(file_root=root, files=[files[i] for i in order],
+                                     labels=[int(labels[i]) for i in order], random_shuffle=False,
+                                     pad_last_batch=True, name="reader")
+        img, mirror = dali_loader._crops(encoded, transform, RES, gpu=False)
+        return (fn.flip(img, horizontal=mirror) if transform == "rrc_flip" else img), y
+
+    it = dali_loader._iterator(build, batch=global_batch, threads=1, device_id=None,
+                               seed=dali_loader._seed(seed, 0, 0), partial=not train)
+    return [(out[0]["x"].permute(0, 3, 1, 2).float() / 255, out[0]["y"].reshape(-1).long())
+            for out in itertools.islice(it, steps)]
+
+
+@pytest.mark.dali
+@pytest.mark.parametrize("transform", ["none", "rrc_flip"])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_dali_scaling_in_the_pipeline_equals_the_uint8_output_converted_in_torch(
+        need_dali, dali_out: Path, transform: str, channels_last: bool) -> None:
+    # The flip, HWC -> CHW and / 255 moved into DALI (crop_mirror_normalize): same pixels up to
+    # float rounding (x * (1/255) against x / 255), same labels, shape, dtype and memory format.
+    # Training: the same 16 coin flips in both (a mirror ignored or misapplied fails unless all 16 are 0).
+    train, g, steps = transform == "rrc_flip", 4, 4  # 4 steps: one epoch of training, 17 // 4
+    ref = _dali_uint8_then_torch(dali_out / "train.txt", transform=transform, train=train, global_batch=g, seed=7,
+                                 steps=steps)
+    got = list(itertools.islice(dali_loader.make_dali_loader(
+        dali_out / "train.txt", global_batch=g, seed=7, train=train, transform=transform, resolution=RES,
+        num_workers=1, channels_last=channels_last), steps))
+    assert len(got) == len(ref) == steps
+    for (x, y), (x_ref, y_ref) in zip(got, ref):
+        assert x.dtype == torch.float32 and x.shape == x_ref.shape == (g, 3, RES, RES)
+        assert x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        assert 0.0 <= x.min() and x.max() <= 1.0
+        assert (x - x_ref).abs().max() <= 1e-6
+        assert torch.equal(y, y_ref)
+
+
 @pytest.mark.dali
 @pytest.mark.parametrize("source", ["list", "folder"])
 def test_dali_file_reader_follows_the_sharding_contract_and_resumes(need_dali, tree: Path, dali_out: Path,

@@ -127,3 +127,21 @@ def test_smoke_folder_ffcv_and_dali(tmp_path: Path) -> None:
     assert report["prep"]["ffcv"]["stored"]["raw"] + report["prep"]["ffcv"]["stored"]["jpeg"] == 40
     assert report["prep"]["ffcv"]["settings"]["write_mode"] == "proportion"
     assert report["prep"]["dali"]["path"].endswith("train.txt")
+
+
+@pytest.mark.slow
+@pytest.mark.dali
+def test_dali_ab_pairs_two_versions_of_the_loader(tmp_path: Path) -> None:
+    require("dali")
+    _run(tmp_path, "--loaders", "dali", "--repeats", "1")  # writes the plan dali_ab.py reads
+    out = tmp_path / "ab.json"
+    module = str(ROOT / "advft" / "data" / "dali_loader.py")
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dali_ab.py"), "--work", str(tmp_path / "work"),
+                           "--a", module, "--b", module, "--repeats", "2", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(out.read_text())
+    assert [(r["repeat"], r["loader"]) for r in report["runs"]] == [(0, "a"), (0, "b"), (1, "b"), (1, "a")]
+    assert all(r["images"] == 16 and r["images_per_cpu_s"] > 0 for r in report["runs"])
+    assert report["ratios"]["vs_a"]["b"]["n"] == report["cpu_ratios"]["vs_a"]["b"]["n"] == 2
+    assert "B / A images/s" in done.stdout

@@ -30,7 +30,8 @@ Views (``transform``): "none" = resize the shorter side to round(resolution / 0.
 antialiased), centre crop ``resolution``; "rrc_flip" = random-resized-crop (area
 ``rrc_scale(resolution)``, aspect 3/4..4/3) fused with decoding, resize, horizontal flip p = 1/2.
 Decoding runs on the GPU (``device="mixed"``) when ``device`` is CUDA, else a CPU pipeline
-(``device_id=None``). x leaves DALI as uint8 HWC on ``device`` and becomes float32 / 255 there;
+(``device_id=None``). The flip, the HWC -> CHW transpose and the scaling to float32 / 255 are one
+DALI op in the pipeline (see ``_images``), so x leaves DALI as float32 in [0, 1] on ``device``;
 it is never normalised. DALI is imported only when a loader is made.
 """
 
@@ -147,8 +148,9 @@ def _seed(*words: int) -> int:
     return int(np.random.SeedSequence([_SEED_STREAM, *words]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
-def _images(encoded: Any, transform: str, resolution: int, gpu: bool) -> Any:
-    """Decoded, cropped uint8 HWC RGB images of ``resolution`` x ``resolution``."""
+def _crops(encoded: Any, transform: str, resolution: int, gpu: bool) -> tuple[Any, Any]:
+    """(uint8 HWC RGB images of ``resolution`` x ``resolution``, whether to flip each one: a
+    coin flip for "rrc_flip", 0 for the evaluation view). The flip itself is left to ``_images``."""
     from nvidia.dali import fn, types
     from nvidia.dali import math as dmath
 
@@ -158,7 +160,7 @@ def _images(encoded: Any, transform: str, resolution: int, gpu: bool) -> Any:
                                             random_area=list(rrc_scale(resolution)),
                                             random_aspect_ratio=list(RRC_RATIO), num_attempts=10)
         img = fn.resize(img, size=[resolution, resolution], interp_type=types.INTERP_LINEAR, antialias=True)
-        return fn.flip(img, horizontal=fn.random.coin_flip(probability=0.5))
+        return img, fn.random.coin_flip(probability=0.5)
     # The evaluation view with the geometry of ``transforms.center_crop``, so DALI, FFCV and the
     # built-in loader show the model the same region: shorter side to S = round(res / 0.875), the
     # other side rounded, then the crop at floor((side - res) / 2). The sizes come from the image
@@ -172,7 +174,24 @@ def _images(encoded: Any, transform: str, resolution: int, gpu: bool) -> Any:
     start = fn.cast(fn.stack(dmath.floor((nh - resolution) / 2), dmath.floor((nw - resolution) / 2)),
                     dtype=types.INT32)
     # Named arguments, not inputs: argument inputs live on the CPU also when the images are on the GPU.
-    return fn.slice(img, start=start, shape=[resolution, resolution], axes=[0, 1])
+    return fn.slice(img, start=start, shape=[resolution, resolution], axes=[0, 1]), 0
+
+
+def _images(encoded: Any, transform: str, resolution: int, gpu: bool, channels_last: bool) -> Any:
+    """The view ``transform`` of the images as float32 in [0, 1]: CHW, or HWC for ``channels_last``
+    (the NCHW view of an NHWC batch is channels_last in memory, so torch then only permutes).
+
+    Flip, HWC -> CHW and uint8 -> float32 / 255 are one fused ``crop_mirror_normalize`` that runs on
+    DALI's worker threads (on the GPU with ``mixed``), not in the training process: a uint8 flip in
+    DALI, then a permute and a float copy in torch, cost ~1.3x the CPU per image on 2 CPU cores
+    (BENCHMARKS.md, "Data loaders"). Its mean 0 and std 255 only SCALE the pixels to [0, 1]: this is
+    NOT mean/std normalisation, which lives inside the model (pixels are in [0, 1] outside it, so eps
+    keeps its meaning)."""
+    from nvidia.dali import fn, types
+
+    img, mirror = _crops(encoded, transform, resolution, gpu)
+    return fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="HWC" if channels_last else "CHW",
+                                    mean=[0.0], std=[255.0], mirror=mirror)
 
 
 def _iterator(build: Any, *, batch: int, threads: int, device_id: int | None, seed: int, partial: bool) -> Any:
@@ -250,13 +269,12 @@ def make_dali_loader(
     gpu = device.type == "cuda"
     device_id = (device.index if device.index is not None else torch.cuda.current_device()) if gpu else None
     common = dict(threads=max(1, num_workers), device_id=device_id)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def convert(out: dict[str, Tensor], labels_from_digits: bool) -> tuple[Tensor, Tensor]:
-        # NHWC uint8 permuted to NCHW is already channels_last in memory; the float copy is made on
-        # the device in the requested layout.
-        x = out["x"].to(device, non_blocking=True).permute(0, 3, 1, 2)
-        x = x.to(torch.float32, memory_format=memory_format).div_(255)
+        # x leaves DALI as float32 in [0, 1] on the device already: NCHW, or NHWC for channels_last,
+        # whose NCHW view is channels_last in memory (no copy).
+        x = out["x"].to(device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2) if channels_last else x
         y = out["y"].to(device, non_blocking=True)
         y = _digits_to_int(y) if labels_from_digits else y.reshape(-1).to(torch.int64)
         return x, y
@@ -264,7 +282,7 @@ def make_dali_loader(
     if path.is_dir() and any(path.glob("*.tar")):
         return _webdataset_batches(path, convert, global_batch=global_batch, rank=rank, world_size=world_size,
                                    seed=seed, start_step=start_step, train=train, transform=transform,
-                                   resolution=resolution, gpu=gpu, **common)
+                                   resolution=resolution, gpu=gpu, channels_last=channels_last, **common)
     file_root, files, labels = _read_file_list(path) if path.is_file() else _scan_folder(path)
     sampler = ShardedBatchSampler(len(files), global_batch, rank=rank, world_size=world_size, seed=seed,
                                   shuffle=train, start_step=start_step, infinite=train)
@@ -278,7 +296,7 @@ def make_dali_loader(
             encoded, y = fn.readers.file(file_root=file_root, files=[files[i] for i in order],
                                          labels=[int(labels[i]) for i in order], random_shuffle=False,
                                          pad_last_batch=True, name="reader")
-            return _images(encoded, transform, resolution, gpu), (y.gpu() if gpu else y)
+            return _images(encoded, transform, resolution, gpu, channels_last), (y.gpu() if gpu else y)
 
         return build
 
@@ -296,8 +314,8 @@ def make_dali_loader(
 
 
 def _webdataset_batches(folder: Path, convert: Any, *, global_batch: int, rank: int, world_size: int, seed: int,
-                        start_step: int, train: bool, transform: str, resolution: int, gpu: bool, threads: int,
-                        device_id: int | None) -> Iterator[tuple[Tensor, Tensor]]:
+                        start_step: int, train: bool, transform: str, resolution: int, gpu: bool,
+                        channels_last: bool, threads: int, device_id: int | None) -> Iterator[tuple[Tensor, Tensor]]:
     """The webdataset path (see the module docstring for its order and sharding)."""
     from nvidia.dali import fn
 
@@ -316,7 +334,7 @@ def _webdataset_batches(folder: Path, convert: Any, *, global_batch: int, rank: 
                 shard_id=shard, num_shards=world_size, random_shuffle=train, seed=_seed(seed, epoch),
                 stick_to_shard=True, pad_last_batch=not train, name="reader")
             cls = fn.pad(cls, fill_value=0)  # labels of different digit counts -> one width per batch
-            return _images(encoded, transform, resolution, gpu), (cls.gpu() if gpu else cls)
+            return _images(encoded, transform, resolution, gpu, channels_last), (cls.gpu() if gpu else cls)
 
         return _iterator(graph, batch=per_rank, seed=_seed(seed, epoch, rank), partial=not train,
                          threads=threads, device_id=device_id)
