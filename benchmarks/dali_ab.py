@@ -1,8 +1,8 @@
 """Two versions of ``advft/data/dali_loader.py`` against each other, with the loader benchmark's protocol.
 
-    git show b0a8578:advft/data/dali_loader.py > /tmp/dali_loader_b0a8578.py
-    .venv/bin/python benchmarks/loaders.py --images 1024 --work /tmp/bench_work --loaders folder,dali --repeats 1
-    .venv/bin/python benchmarks/dali_ab.py --work /tmp/bench_work --a /tmp/dali_loader_b0a8578.py \\
+    mkdir -p bench_work && git show b0a8578:advft/data/dali_loader.py > bench_work/dali_loader_b0a8578.py
+    .venv/bin/python benchmarks/loaders.py --images 1024 --work bench_work --loaders folder,dali --repeats 1
+    .venv/bin/python benchmarks/dali_ab.py --work bench_work --a bench_work/dali_loader_b0a8578.py \\
         --b advft/data/dali_loader.py --repeats 8 --out benchmarks/results/dali_ab.json
 
 Each measurement is ``loaders.measure("dali", plan)`` in a fresh process whose
