@@ -144,7 +144,8 @@ class Config:
         return out
 
     def hash(self, exclude_run: bool = True) -> str:
-        """Short hash of everything that changes the result (run name/root/progress/wandb, model.pretrain excluded)."""
+        """Short hash of everything that changes the result (excluded: run name, root, progress, wandb and
+        model.pretrain)."""
         d = self.to_dict()
         if exclude_run:
             d["run"] = {k: v for k, v in d["run"].items() if k not in ("name", "root", "progress", "wandb")}
