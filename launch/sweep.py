@@ -112,10 +112,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _job_path(job: str) -> Path:
-    return C.resolve_job(job)  # the default job works from any directory
-
-
 def build_plan(args: argparse.Namespace) -> Plan:
     """Everything decided before anything is written: configs (validated), names, cluster. Raises ConfigError."""
     from launch.cluster import resolve_kind
@@ -132,7 +128,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
     if kind == "local":
         local_parameters(profile)  # checks what the local executor cannot do
     world = 1 if kind == "debug" else profile.world_size
-    job = _job_path(args.job)
+    job = C.resolve_job(args.job)  # the default job works from any directory
     base = C.load(job, fixed)
     sweep = C.check_name(args.name or job.stem, "--name")
     sweep_dir = Path(base.run.root).resolve() / sweep  # absolute: a job may start in another directory
