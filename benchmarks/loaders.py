@@ -17,13 +17,23 @@ batches of --batch images; pixels never normalised):
 - ``dali``: ``make_dali_loader`` on the file list of ``data_prep dali`` (the source JPEGs themselves),
   ``--workers`` threads; decoding on the CPU, or on the GPU (``mixed``) with ``--device cuda``.
 
-Method. The tree is generated (or taken from ``--src``: all of it is converted and one epoch is the
-default warm-up, so give a subset of a few thousand images, not all of ImageNet), then converted with
+Method. The tree is generated (or taken from ``--src``: all of it is converted and more than one epoch is
+the default warm-up, so give a subset of a few thousand images, not all of ImageNet), then converted with
 data_prep (timed). The images are read from the page cache after the warm-up: this measures decoding
 and augmentation, not a file system. Each
-measurement runs in a fresh process: build the loader, take ``--warmup-batches`` batches (default one
-epoch; this excludes worker start-up, the page cache filling and FFCV's numba compilation, which runs
-during its first epoch), then time ``--batches`` batches. Measurements are interleaved: repeat r runs
+measurement runs in a fresh process: build the loader, take ``--warmup-batches`` batches, then time
+``--batches`` batches. Where the timed batches lie is ``--window`` (when ``--warmup-batches`` is 0):
+- ``steady`` (default): the warm-up is one whole epoch and the first few batches of the second (worker
+  start-up, the page cache filling, FFCV's numba compilation in its first epoch, and each loader's first
+  epoch boundary stay out of the clock), and the timed batches lie inside the second epoch. This is
+  what a loader sustains between epoch boundaries, i.e. nearly all of training: an ImageNet epoch is
+  5,000 batches of 256. Needs ``--batches`` < the batches of one epoch (``--images`` / ``--batch``).
+- ``epoch-start``: the warm-up is exactly one epoch, so the clock starts at the boundary and includes
+  what a loader pays once per epoch (DALI builds a pipeline per epoch, and the previous one has already
+  decoded its prefetch queue's batches beyond the end). With a small tree that cost lands on a few
+  timed batches, thousands of times more often than on ImageNet; use it to see the cost, not the rate.
+The JSON and the output give how many epoch boundaries the timed batches include.
+Measurements are interleaved: repeat r runs
 every loader once, in an order rotated by r, so a change in the machine's load (shared cores) spreads
 over all loaders instead of landing on one. Per loader: median, min and max of the repeats; ratios
 are medians of the per-repeat ratios (each from measurements taken close together), with their range.
@@ -306,6 +316,33 @@ def measure(name: str, plan: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------- the run
 
 
+WINDOWS = ("steady", "epoch-start")
+
+
+def timing_window(per_epoch: int, batches: int, warmup_batches: int = 0, window: str = "steady") -> dict[str, int]:
+    """Where the timed batches lie: ``warmup_batches`` (the batches taken before the clock starts) and
+    ``epoch_boundaries`` (how many timed batches are the first of an epoch, so that they carry what a
+    loader does once per epoch). ``warmup_batches`` 0 means the ``window``'s choice (see the module
+    docstring). Raises ValueError when a steady window does not fit inside one epoch."""
+    if window not in WINDOWS:
+        raise ValueError(f"--window {window!r}: valid are {', '.join(WINDOWS)}")
+    if per_epoch < 1 or batches < 1 or warmup_batches < 0:
+        raise ValueError(f"need per_epoch >= 1, batches >= 1, warmup_batches >= 0 (got {per_epoch}, {batches}, "
+                         f"{warmup_batches})")
+    if not warmup_batches:
+        if window == "epoch-start":
+            warmup_batches = per_epoch
+        elif batches >= per_epoch:
+            raise ValueError(f"--batches {batches} do not fit inside one epoch of {per_epoch} batches after its "
+                             f"first: give more --images (one epoch is --images / --batch batches), fewer "
+                             f"--batches, or --window epoch-start")
+        else:
+            # past the first boundary, then the timed batches centred in what is left of the second epoch
+            warmup_batches = per_epoch + max(1, (per_epoch - batches) // 2)
+    boundaries = sum(1 for b in range(warmup_batches, warmup_batches + batches) if b % per_epoch == 0)
+    return {"warmup_batches": warmup_batches, "epoch_boundaries": boundaries}
+
+
 def interleaved(loaders: list[str], repeats: int) -> list[tuple[int, str]]:
     """(repeat, loader) in run order: every repeat runs each loader once, its order rotated by one."""
     n = len(loaders)
@@ -433,12 +470,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--src", help="an ImageFolder tree SRC/train/<class>/<image> to read instead of generating one")
     p.add_argument("--work", help="folder for the generated tree and the FFCV/DALI files; kept and reused "
                                   "(default: a temporary folder, deleted at the end)")
-    p.add_argument("--images", type=int, default=1024, help="images to generate")
+    p.add_argument("--images", type=int, default=2048, help="images to generate")
     p.add_argument("--classes", type=int, default=10, help="classes to generate")
     p.add_argument("--loaders", default=",".join(LOADERS), help=f"comma-separated subset of {','.join(LOADERS)}")
     p.add_argument("--batch", type=int, default=64, help="images per batch")
     p.add_argument("--batches", type=int, default=16, help="batches timed per measurement")
-    p.add_argument("--warmup-batches", type=int, default=0, help="batches before timing (0: one epoch)")
+    p.add_argument("--warmup-batches", type=int, default=0, help="batches before timing (0: as --window says)")
+    p.add_argument("--window", choices=WINDOWS, default="steady",
+                   help="with --warmup-batches 0: time batches inside the second epoch (steady, default) or "
+                        "from its first batch on, including what a loader pays per epoch (epoch-start)")
     p.add_argument("--repeats", type=int, default=3, help="measurements per loader, interleaved")
     p.add_argument("--workers", type=int, default=2, help="worker processes (folder, torchvision) or threads")
     p.add_argument("--resolution", type=int, default=224, help="crop size")
@@ -466,6 +506,12 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.batch, args.batches, args.repeats, args.workers) < 1 or args.warmup_batches < 0:
         print("error: --batch, --batches, --repeats and --workers must be >= 1, --warmup-batches >= 0", file=sys.stderr)
         return 2
+    if not args.src:  # a generated tree: check the window before generating anything
+        try:
+            timing_window(max(1, args.images // args.batch), args.batches, args.warmup_batches, args.window)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     command = " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else " ".join(["loaders.py", *argv])
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="advft-bench-loaders-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -505,8 +551,13 @@ def _run(args: argparse.Namespace, loaders: list[str], work: Path, command: str)
     if per_epoch < 1:
         print(f"error: {data['images']} images are fewer than one batch of {args.batch}", file=sys.stderr)
         return 2
+    try:
+        window = timing_window(per_epoch, args.batches, args.warmup_batches, args.window)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     plan = {"tree": str(tree), "inputs": inputs, "batch": args.batch, "batches": args.batches,
-            "warmup_batches": args.warmup_batches or per_epoch, "workers": args.workers,
+            "warmup_batches": window["warmup_batches"], "workers": args.workers,
             "resolution": args.resolution, "device": args.device, "seed": args.seed}
     plan_path = work / "plan.json"
     plan_path.write_text(json.dumps(plan, indent=1))
@@ -529,7 +580,10 @@ def _run(args: argparse.Namespace, loaders: list[str], work: Path, command: str)
         "uptime_after": _run_text("uptime"),
         "machine": machine(),
         "settings": {k: plan[k] for k in ("batch", "batches", "warmup_batches", "workers", "resolution", "device",
-                                          "seed")} | {"repeats": args.repeats, "transform": "rrc_flip"},
+                                          "seed")} | {"repeats": args.repeats, "transform": "rrc_flip",
+                                                      "window": args.window if not args.warmup_batches else "given",
+                                                      "batches_per_epoch": per_epoch,
+                                                      "epoch_boundaries_timed": window["epoch_boundaries"]},
         "data": {**data, "generated": generated},
         "prep": inputs,
         "unavailable": unavailable,
@@ -537,6 +591,8 @@ def _run(args: argparse.Namespace, loaders: list[str], work: Path, command: str)
         "runs": runs,
     }
     print(_table(summary, unavailable))
+    print(f"timed: batches {plan['warmup_batches']}..{plan['warmup_batches'] + args.batches - 1} ({per_epoch} per "
+          f"epoch), {window['epoch_boundaries']} epoch boundaries among them")
     if inputs:
         print("data_prep: " + ", ".join(f"{name} {made['seconds']:.1f} s" for name, made in inputs.items()))
     print(f"{report['machine']['cpu_model']}, {report['machine']['cpus_usable']} usable CPUs; "

@@ -38,6 +38,43 @@ def test_interleaving_runs_every_loader_once_per_repeat_in_rotated_order() -> No
     assert order == [(0, "a"), (0, "b"), (0, "c"), (1, "b"), (1, "c"), (1, "a"), (2, "c"), (2, "a"), (2, "b")]
 
 
+def test_the_steady_window_times_batches_inside_the_second_epoch() -> None:
+    # 32 batches per epoch, 16 timed: past the first boundary (batch 32), centred in the rest of epoch 2.
+    w = bench.timing_window(per_epoch=32, batches=16)
+    assert w == {"warmup_batches": 40, "epoch_boundaries": 0}
+    first, last = w["warmup_batches"], w["warmup_batches"] + 16 - 1
+    assert first // 32 == last // 32 == 1 and first % 32 >= 1
+    # The tightest fit: one batch of slack after the boundary, the window ends with the epoch.
+    assert bench.timing_window(per_epoch=17, batches=16) == {"warmup_batches": 18, "epoch_boundaries": 0}
+
+
+def test_the_epoch_start_window_and_given_warmups_count_the_boundaries_they_time() -> None:
+    assert bench.timing_window(16, 16, window="epoch-start") == {"warmup_batches": 16, "epoch_boundaries": 1}
+    assert bench.timing_window(16, 40, window="epoch-start") == {"warmup_batches": 16, "epoch_boundaries": 3}
+    # A given warm-up wins over the window; its boundaries are counted all the same.
+    assert bench.timing_window(5, 2, warmup_batches=1) == {"warmup_batches": 1, "epoch_boundaries": 0}
+    assert bench.timing_window(5, 2, warmup_batches=4) == {"warmup_batches": 4, "epoch_boundaries": 1}
+
+
+@pytest.mark.parametrize("per_epoch, batches, window, match", [
+    (16, 16, "steady", "--batches 16 do not fit inside one epoch of 16 batches"),
+    (1, 1, "steady", "do not fit"),
+    (16, 4, "middle", "--window 'middle': valid are steady, epoch-start"),
+])
+def test_a_window_that_cannot_be_timed_is_refused(per_epoch: int, batches: int, window: str, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        bench.timing_window(per_epoch, batches, window=window)
+
+
+def test_the_command_refuses_a_steady_window_larger_than_an_epoch_before_any_work(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    work = tmp_path / "work"
+    assert bench.main(["--images", "1024", "--batch", "64", "--batches", "16", "--work", str(work)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --batches 16 do not fit inside one epoch of 16 batches") and "--images" in err
+    assert not work.exists()  # nothing generated, nothing converted
+
+
 def test_summary_takes_medians_and_ratios_within_a_repeat() -> None:
     runs = [{"repeat": r, "loader": name, "images_per_s": v, "images_per_cpu_s": v / 2, "warmup_s": 1.0}
             for r, speeds in enumerate([{"folder": 100, "fast": 250}, {"folder": 50, "fast": 150},
@@ -99,6 +136,8 @@ def _check_report(report: dict, loaders: list[str], repeats: int) -> None:
     assert all(report["loaders"][n]["n"] == repeats for n in loaders)
     assert sorted(report["ratios"]["vs_folder"]) == sorted(set(loaders) - {"folder"})
     assert report["settings"]["warmup_batches"] == 1 and report["settings"]["transform"] == "rrc_flip"
+    assert report["settings"]["window"] == "given" and report["settings"]["batches_per_epoch"] == 5
+    assert report["settings"]["epoch_boundaries_timed"] == 0
     assert report["data"]["images"] == 40 and report["data"]["generated"]["settings"]["images"] == 40
     m = report["machine"]
     assert m["cpu_model"] and m["cpus_usable"] >= 1 and "torch" in m["versions"]
@@ -112,6 +151,7 @@ def test_smoke_folder_loaders_interleaved(tmp_path: Path) -> None:
     _check_report(report, ["folder", "torchvision"], repeats=2)
     assert report["prep"] == {} and report["unavailable"] == {}
     assert "torchvision" in stdout and "x folder" in stdout
+    assert "timed: batches 1..2 (5 per epoch), 0 epoch boundaries among them" in stdout
 
 
 @pytest.mark.slow
