@@ -22,7 +22,7 @@ from advft.data import synthetic
 from advft.data.datasets import CIFAR10, DataError, ImageFolderDataset, build_dataset
 from advft.data.loader import ShardedBatchSampler, SeededSubset, make_loader, subset
 from advft.data.synthetic import SyntheticShapes
-from advft.data.transforms import center_crop, random_resized_crop_flip, rrc_scale, sample_crop, sample_rng
+from advft.data.transforms import center_crop, random_resized_crop_flip, resize, rrc_scale, sample_crop, sample_rng
 
 RES = 32
 
@@ -148,6 +148,30 @@ def test_center_crop_resizes_shorter_side_then_crops_centre() -> None:
     assert torch.equal(center_crop(img, 32), img[:, 2:34, 9:41])
     tall = center_crop(torch.zeros(3, 300, 100, dtype=torch.uint8), 64)
     assert tall.shape == (3, 64, 64)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("src, size", [((3, 371, 429), (224, 224)), ((3, 120, 97), (224, 224)),
+                                       ((3, 300, 180), (171, 99)), ((3, 40, 60), (32, 32))])
+def test_resize_is_the_float_antialiased_bilinear_within_one(channels_last: bool, src: tuple, size: tuple) -> None:
+    # The uint8 kernel against the float32 one rounded: shrinking (antialiased) and enlarging, both
+    # layouts, a crop view as the random-resized crop passes it. A swapped axis, a missing antialias
+    # filter or another interpolation would be off by far more than 1.
+    g = torch.Generator().manual_seed(sum(src) + sum(size))
+    smooth = torch.nn.functional.interpolate(torch.rand(1, 3, src[1] // 8 + 2, src[2] // 8 + 2, generator=g) * 255,
+                                             size=src[1:], mode="bicubic", align_corners=False)
+    img = (smooth[0] + torch.randint(-40, 41, src, generator=g)).clamp(0, 255).to(torch.uint8)  # edges + noise
+    if channels_last:
+        img = img.permute(1, 2, 0).contiguous().permute(2, 0, 1)  # as ImageFolderDataset.full_image gives it
+    view = img[:, 3:, 2:]
+    out = resize(view, size)
+    ref = torch.nn.functional.interpolate(view[None].float(), size=size, mode="bilinear", antialias=True,
+                                          align_corners=False)[0].round().clamp(0, 255)
+    assert out.dtype == torch.uint8 and out.shape == (3, *size)
+    assert (out.float() - ref).abs().max() <= 1 and (out.float() - ref).abs().mean() < 0.5
+    assert torch.equal(resize(img, tuple(img.shape[1:])), img)
+    with pytest.raises(TypeError, match="uint8"):
+        resize(img.float(), size)
 
 
 def test_random_resized_crop_is_keyed_and_bounded() -> None:

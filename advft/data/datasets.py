@@ -157,10 +157,11 @@ class ImageFolderDataset(Dataset):
         return len(self.samples)
 
     def full_image(self, i: int) -> tuple[torch.Tensor, int]:
-        """The decoded image at its own size, uint8 (3, H, W)."""
+        """The decoded image at its own size, uint8 (3, H, W): a channels-last view of PIL's H x W x 3
+        pixels (no copy; ``transforms.resize`` is fastest on this layout)."""
         file, label = self.samples[i]
         array = np.array(_decode_rgb(file))  # a writable copy: torch refuses read-only buffers
-        return torch.from_numpy(array).permute(2, 0, 1).contiguous(), label
+        return torch.from_numpy(array).permute(2, 0, 1), label
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         img, label = self.full_image(i)

@@ -34,11 +34,18 @@ def rrc_scale(resolution: int) -> tuple[float, float]:
 
 
 def resize(img: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize of a uint8 (3, H, W) tensor to ``size`` = (h, w), antialiased when shrinking."""
+    """Bilinear resize of a uint8 (3, H, W) tensor to ``size`` = (h, w), antialiased when shrinking.
+
+    Runs torch's uint8 kernel (fixed-point weights), which is fastest on a channels-last view such as
+    the one ``ImageFolderDataset.full_image`` returns (PIL decodes to H x W x 3): a random-resized crop
+    of an ImageNet-sized image to 224 px costs ~0.6-0.9 ms of CPU instead of ~2.2-2.4 ms through float32
+    (BENCHMARKS.md, "Data loaders"). The result is within 1 of the float32 resize rounded to uint8
+    (``tests/test_data.py``). The output keeps the input's memory format."""
     if tuple(img.shape[-2:]) == tuple(size):
         return img
-    out = F.interpolate(img[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)
-    return out[0].round_().clamp_(0, 255).to(torch.uint8)
+    if img.dtype != torch.uint8:
+        raise TypeError(f"resize expects a uint8 image, got {img.dtype}")
+    return F.interpolate(img[None], size=size, mode="bilinear", antialias=True, align_corners=False)[0]
 
 
 def center_crop(img: torch.Tensor, resolution: int, crop_fraction: float = CROP_FRACTION) -> torch.Tensor:
