@@ -208,8 +208,10 @@ def convert(src: Path, work: Path, loaders: list[str], workers: int) -> dict[str
 
 
 def _textbook_loader(split_dir: Path, batch: int, resolution: int, workers: int, seed: int,
-                     device: Any) -> Iterator[tuple[Any, Any]]:
-    """torchvision's ImageFolder example: PIL decode, RandomResizedCrop, flip, ToTensor in the workers."""
+                     device: Any, channels_last: bool = False) -> Iterator[tuple[Any, Any]]:
+    """torchvision's ImageFolder example: PIL decode, RandomResizedCrop, flip, ToTensor in the workers.
+    With ``channels_last`` each batch is converted in the training process, as PyTorch's channels-last
+    tutorial does (``x.to(memory_format=torch.channels_last)``)."""
     import torch
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
@@ -219,9 +221,10 @@ def _textbook_loader(split_dir: Path, batch: int, resolution: int, workers: int,
     loader = DataLoader(datasets.ImageFolder(str(split_dir), transform=view), batch_size=batch, shuffle=True,
                         num_workers=workers, drop_last=True, persistent_workers=workers > 0,
                         pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(seed))
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     while True:
         for x, y in loader:
-            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            yield x.to(device, non_blocking=True, memory_format=memory_format), y.to(device, non_blocking=True)
 
 
 def build_loader(name: str, plan: dict[str, Any]) -> Iterator[tuple[Any, Any]]:
@@ -230,7 +233,8 @@ def build_loader(name: str, plan: dict[str, Any]) -> Iterator[tuple[Any, Any]]:
 
     device = torch.device(plan["device"])
     common = {"global_batch": plan["batch"], "seed": plan["seed"], "train": True, "transform": "rrc_flip",
-              "resolution": plan["resolution"], "num_workers": plan["workers"], "device": device}
+              "resolution": plan["resolution"], "num_workers": plan["workers"], "device": device,
+              "channels_last": plan.get("channels_last", False)}
     if name == "folder":
         from advft.data.datasets import ImageFolderDataset
         from advft.data.loader import make_loader
@@ -239,7 +243,7 @@ def build_loader(name: str, plan: dict[str, Any]) -> Iterator[tuple[Any, Any]]:
         return make_loader(dataset, **common)
     if name == "torchvision":
         return _textbook_loader(Path(plan["tree"]) / SPLIT, plan["batch"], plan["resolution"], plan["workers"],
-                                plan["seed"], device)
+                                plan["seed"], device, common["channels_last"])
     if name in ("ffcv", "ffcv_jpg"):
         from advft.data.ffcv_loader import make_ffcv_loader
 
@@ -287,9 +291,11 @@ def measure(name: str, plan: dict[str, Any]) -> dict[str, Any]:
     sync()
     first_batch_s = time.perf_counter() - t0
     expected = (plan["batch"], 3, plan["resolution"], plan["resolution"])
-    if tuple(x.shape) != expected or x.dtype != torch.float32 or not 0.0 <= float(x.min()) <= float(x.max()) <= 1.0:
-        raise RuntimeError(f"{name} gave x of shape {tuple(x.shape)}, {x.dtype}, range [{float(x.min())}, "
-                           f"{float(x.max())}]; expected {expected}, float32, [0, 1]")
+    memory_format = torch.channels_last if plan.get("channels_last") else torch.contiguous_format
+    if (tuple(x.shape) != expected or x.dtype != torch.float32 or not x.is_contiguous(memory_format=memory_format)
+            or not 0.0 <= float(x.min()) <= float(x.max()) <= 1.0):
+        raise RuntimeError(f"{name} gave x of shape {tuple(x.shape)}, {x.dtype}, strides {x.stride()}, range "
+                           f"[{float(x.min())}, {float(x.max())}]; expected {expected}, float32, {memory_format}, [0, 1]")
     for _ in range(plan["warmup_batches"] - 1):
         next(stream)
     sync()
@@ -482,6 +488,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="measurements per loader, interleaved")
     p.add_argument("--workers", type=int, default=2, help="worker processes (folder, torchvision) or threads")
     p.add_argument("--resolution", type=int, default=224, help="crop size")
+    p.add_argument("--channels-last", action="store_true",
+                   help="every loader delivers channels-last batches, as advft's engine asks by default "
+                        "(run.channels_last); the textbook loader converts each batch as PyTorch's tutorial does")
     p.add_argument("--device", default="cpu", help="where batches end up: cpu, or cuda (DALI then decodes there)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=600, help="seconds one measurement may take")
@@ -557,7 +566,7 @@ def _run(args: argparse.Namespace, loaders: list[str], work: Path, command: str)
         print(f"error: {e}", file=sys.stderr)
         return 2
     plan = {"tree": str(tree), "inputs": inputs, "batch": args.batch, "batches": args.batches,
-            "warmup_batches": window["warmup_batches"], "workers": args.workers,
+            "warmup_batches": window["warmup_batches"], "workers": args.workers, "channels_last": args.channels_last,
             "resolution": args.resolution, "device": args.device, "seed": args.seed}
     plan_path = work / "plan.json"
     plan_path.write_text(json.dumps(plan, indent=1))
@@ -580,7 +589,7 @@ def _run(args: argparse.Namespace, loaders: list[str], work: Path, command: str)
         "uptime_after": _run_text("uptime"),
         "machine": machine(),
         "settings": {k: plan[k] for k in ("batch", "batches", "warmup_batches", "workers", "resolution", "device",
-                                          "seed")} | {"repeats": args.repeats, "transform": "rrc_flip",
+                                          "seed", "channels_last")} | {"repeats": args.repeats, "transform": "rrc_flip",
                                                       "window": args.window if not args.warmup_batches else "given",
                                                       "batches_per_epoch": per_epoch,
                                                       "epoch_boundaries_timed": window["epoch_boundaries"]},

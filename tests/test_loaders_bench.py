@@ -147,8 +147,10 @@ def _check_report(report: dict, loaders: list[str], repeats: int) -> None:
 
 @pytest.mark.slow
 def test_smoke_folder_loaders_interleaved(tmp_path: Path) -> None:
-    report, stdout = _run(tmp_path, "--loaders", "folder,torchvision", "--repeats", "2")
+    # channels-last batches from both (measure() refuses a batch in another memory format)
+    report, stdout = _run(tmp_path, "--loaders", "folder,torchvision", "--repeats", "2", "--channels-last")
     _check_report(report, ["folder", "torchvision"], repeats=2)
+    assert report["settings"]["channels_last"] is True
     assert report["prep"] == {} and report["unavailable"] == {}
     assert "torchvision" in stdout and "x folder" in stdout
     assert "timed: batches 1..2 (5 per epoch), 0 epoch boundaries among them" in stdout
@@ -163,7 +165,7 @@ def test_smoke_folder_ffcv_and_dali(tmp_path: Path) -> None:
     loaders = ["folder", "ffcv", "dali"]  # each FFCV measurement compiles its pipeline: keep them few
     report, _ = _run(tmp_path, "--loaders", ",".join(loaders), "--repeats", "1")
     _check_report(report, loaders, repeats=1)
-    assert report["unavailable"] == {}
+    assert report["unavailable"] == {} and report["settings"]["channels_last"] is False
     assert report["prep"]["ffcv"]["stored"]["raw"] + report["prep"]["ffcv"]["stored"]["jpeg"] == 40
     assert report["prep"]["ffcv"]["settings"]["write_mode"] == "proportion"
     assert report["prep"]["dali"]["path"].endswith("train.txt")
