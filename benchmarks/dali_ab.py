@@ -90,9 +90,7 @@ def main(argv: list[str] | None = None) -> int:
                   "started": started, "uptime_before": uptime_before, "uptime_after": loaders._run_text("uptime"),
                   "machine": loaders.machine(), "files": {k: str(v) for k, v in files.items()},
                   "plan": json.loads(plan_path.read_text()), **summary, "runs": runs}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {args.out}")
+        loaders.write_json(Path(args.out), report)
     return 1 if any("error" in r for r in runs) else 0
 
 

@@ -349,6 +349,13 @@ def timing_window(per_epoch: int, batches: int, warmup_batches: int = 0, window:
     return {"warmup_batches": warmup_batches, "epoch_boundaries": boundaries}
 
 
+def write_json(path: Path, report: dict[str, Any]) -> None:
+    """Writes a benchmark's report (its folder made if needed) and says where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
 def interleaved(loaders: list[str], repeats: int) -> list[tuple[int, str]]:
     """(repeat, loader) in run order: every repeat runs each loader once, its order rotated by one."""
     n = len(loaders)
@@ -607,9 +614,7 @@ def _run(args: argparse.Namespace, loaders: list[str], work: Path, command: str)
     print(f"{report['machine']['cpu_model']}, {report['machine']['cpus_usable']} usable CPUs; "
           f"uptime before: {uptime_before}; after: {report['uptime_after']}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-        print(f"wrote {args.out}")
+        write_json(Path(args.out), report)
     return 1 if any("error" in r for r in runs) else 0
 
 
