@@ -24,7 +24,7 @@ from PIL import Image
 from advft.data import dali_loader, ffcv_loader
 from advft.data.datasets import DataError
 from advft.data.loader import ShardedBatchSampler
-from advft.data.transforms import center_crop
+from advft.data.transforms import RRC_RATIO, center_crop, resize, rrc_scale
 from data_prep.__main__ import main
 from data_prep.images import read_rgb
 from data_prep.sources import PrepError, resolve, subset_indices
@@ -399,14 +399,15 @@ def test_dali_cpu_evaluation_view_equals_pil_and_centre_crop(need_dali, tree: Pa
     assert y.tolist() == [int(f[len("class")]) for f in files]
     hi = files.index(CONTRAST)
     assert x[hi].max() > 0.9 and x[hi].min() < 0.1 and 0.0 <= x.min() and x.max() <= 1.0
-    # Same geometry as transforms.center_crop; DALI's and torch's linear filters differ by rounding.
-    assert (x - _views(tree, files)).abs().max() * 255 < 2.5
+    # transforms.center_crop itself (torch's uint8 resize) on DALI's decode, which equals PIL's here:
+    # the same pixels up to the float rounding of x * (1/255).
+    assert (x - _views(tree, files)).abs().max() <= 1e-6
 
 
 def _dali_uint8_then_torch(path: Path, *, transform: str, train: bool, global_batch: int, seed: int,
                            steps: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """What the DALI loader gave before it scaled in the pipeline: the same reader, crops, seed and
-    op order, flipped with ``fn.flip`` and left uint8 HWC, then permuted and divided by 255 in torch."""
+    op order, flipped with ``fn.flip`` and left uint8 (CHW on a CPU), then divided by 255 in torch."""
     from nvidia.dali import fn
 
     root, files, labels = dali_loader._read_file_list(path)
@@ -422,7 +423,7 @@ def _dali_uint8_then_torch(path: Path, *, transform: str, train: bool, global_ba
 
     it = dali_loader._iterator(build, batch=global_batch, threads=1, device_id=None,
                                seed=dali_loader._seed(seed, 0, 0), partial=not train)
-    return [(out[0]["x"].permute(0, 3, 1, 2).float() / 255, out[0]["y"].reshape(-1).long())
+    return [(out[0]["x"].float() / 255, out[0]["y"].reshape(-1).long())
             for out in itertools.islice(it, steps)]
 
 
@@ -447,6 +448,44 @@ def test_dali_scaling_in_the_pipeline_equals_the_uint8_output_converted_in_torch
         assert 0.0 <= x.min() and x.max() <= 1.0
         assert (x - x_ref).abs().max() <= 1e-6
         assert torch.equal(y, y_ref)
+
+
+@pytest.mark.dali
+def test_dali_cpu_random_resized_crop_is_torchs_resize_of_dalis_crop(need_dali, dali_out: Path) -> None:
+    # On a CPU DALI picks, decodes and flips the crop and torch's uint8 kernel (transforms.resize, the
+    # built-in loader's) resizes it, on 2 threads here: the loader's views equal transforms.resize of the
+    # crops that DALI's decoder gives with the same seed, flipped by the same coin flips. (DALI's own
+    # fn.resize differs from torch's by a level or more.)
+    from nvidia.dali import fn, pipeline_def, types
+
+    g, seed, steps = 4, 7, 4
+    root, files, labels = dali_loader._read_file_list(dali_out / "train.txt")
+    sampler = ShardedBatchSampler(len(files), g, seed=seed, shuffle=True, infinite=True)
+    order = [i for _, epoch, ix in itertools.islice(sampler, steps) for i in ix if epoch == 0]
+
+    def build():
+        encoded, _ = fn.readers.file(file_root=root, files=[files[i] for i in order], random_shuffle=False,
+                                     labels=[int(labels[i]) for i in order], pad_last_batch=True, name="reader")
+        crop = fn.decoders.image_random_crop(encoded, device="cpu", output_type=types.RGB,
+                                             random_area=list(rrc_scale(RES)), random_aspect_ratio=list(RRC_RATIO),
+                                             num_attempts=10)
+        return crop, fn.random.coin_flip(probability=0.5)
+
+    pipe = pipeline_def(build, batch_size=g, num_threads=1, device_id=None, seed=dali_loader._seed(seed, 0, 0))()
+    pipe.build()
+    got = dali_loader.make_dali_loader(dali_out / "train.txt", global_batch=g, seed=seed, train=True,
+                                       transform="rrc_flip", resolution=RES, num_workers=2)
+    flips, sizes = [], set()
+    for x, _ in itertools.islice(got, steps):
+        crops, mirror = pipe.run()
+        for i in range(g):
+            crop = torch.from_numpy(np.array(crops.at(i))).permute(2, 0, 1)
+            sizes.add(tuple(crop.shape[1:]))
+            flips.append(bool(np.array(mirror.at(i))))
+            ref = resize(crop, (RES, RES))
+            ref = (ref.flip(-1) if flips[-1] else ref).float() / 255
+            assert (x[i] - ref).abs().max() <= 1e-6, f"step sample {i}: crop {tuple(crop.shape)}"
+    assert 0 < sum(flips) < len(flips) and len(sizes) > 1 and (RES, RES) not in sizes
 
 
 @pytest.mark.dali

@@ -29,10 +29,13 @@ epoch read from its start, not after a resume in its middle.
 Views (``transform``): "none" = resize the shorter side to round(resolution / 0.875) (linear,
 antialiased), centre crop ``resolution``; "rrc_flip" = random-resized-crop (area
 ``rrc_scale(resolution)``, aspect 3/4..4/3) fused with decoding, resize, horizontal flip p = 1/2.
-Decoding runs on the GPU (``device="mixed"``) when ``device`` is CUDA, else a CPU pipeline
-(``device_id=None``). The flip, the HWC -> CHW transpose and the scaling to float32 / 255 are one
-DALI op in the pipeline (see ``_images``), so x leaves DALI as float32 in [0, 1] on ``device``;
-it is never normalised. DALI is imported only when a loader is made.
+Decoding runs on the GPU (``device="mixed"``) when ``device`` is CUDA, with DALI's resize there;
+else a CPU pipeline (``device_id=None``) whose resize is torch's uint8 kernel, the built-in loader's
+``transforms.resize`` / ``center_crop``, run on DALI's batches by a thread pool inside the pipeline
+(``fn.python_function``): DALI's CPU resize costs more than the decoding (see ``_torch_views``).
+The flip, the layout the model gets and the scaling to float32 / 255 are one DALI op in the
+pipeline (see ``_images``), so x leaves DALI as float32 in [0, 1] on ``device``; it is never
+normalised. DALI is imported only when a loader is made.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import itertools
 import json
 import os
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +55,7 @@ from torch import Tensor
 
 from advft.data.datasets import DataError
 from advft.data.loader import ShardedBatchSampler
-from advft.data.transforms import CROP_FRACTION, RRC_RATIO, TRAIN_TRANSFORMS, rrc_scale
+from advft.data.transforms import CROP_FRACTION, RRC_RATIO, TRAIN_TRANSFORMS, center_crop, resize, rrc_scale
 
 INSTALL_HINT = (
     "NVIDIA DALI is not installed in this environment. Install it with `bash scripts/install_extras.sh` "
@@ -148,9 +152,46 @@ def _seed(*words: int) -> int:
     return int(np.random.SeedSequence([_SEED_STREAM, *words]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
-def _crops(encoded: Any, transform: str, resolution: int, gpu: bool) -> tuple[Any, Any]:
-    """(uint8 HWC RGB images of ``resolution`` x ``resolution``, whether to flip each one: a
-    coin flip for "rrc_flip", 0 for the evaluation view). The flip itself is left to ``_images``."""
+@functools.lru_cache(maxsize=None)
+def _resize_pool(threads: int) -> ThreadPoolExecutor:
+    """The threads that resize a CPU pipeline's batches (one pool per thread count, shared by loaders)."""
+    return ThreadPoolExecutor(threads, thread_name_prefix="advft-dali-resize")
+
+
+def _torch_views(view: Callable[[Tensor], Tensor], resolution: int, threads: int) -> Callable[[list], list]:
+    """A batch function for ``fn.python_function``: ``view`` (uint8 (3, H, W) -> (3, res, res)) applied
+    to each HWC uint8 sample, the batch split over ``threads`` threads; CHW uint8 samples out (torch's
+    resize writes CHW, and ``crop_mirror_normalize`` lays the pixels out for the model while scaling them).
+
+    Why not DALI's own ``fn.resize`` on a CPU: its linear, antialiased resampling costs ~1.6-1.9 ms of
+    CPU per 224 px random-resized crop, more than decoding the JPEG (~1.2-1.3 ms), while torch's uint8
+    kernel (``transforms.resize``, the built-in loader's) does it in ~0.6-0.9 ms; torch releases the GIL
+    in the kernel, so the threads run in parallel (BENCHMARKS.md, "Data loaders")."""
+    pool = _resize_pool(threads)
+
+    def run(images: list[np.ndarray]) -> list[np.ndarray]:
+        out: list[np.ndarray] = [np.empty(0)] * len(images)
+
+        def part(lo: int, hi: int) -> None:
+            for i in range(lo, hi):  # the CHW view of an HWC sample is channels-last: torch's fast layout
+                out[i] = view(torch.from_numpy(images[i]).permute(2, 0, 1)).contiguous().numpy()
+
+        bounds = np.linspace(0, len(images), min(threads, len(images)) + 1).astype(int)
+        for f in [pool.submit(part, lo, hi) for lo, hi in itertools.pairwise(bounds)]:
+            f.result()
+        return out
+
+    return run
+
+
+def _crops(encoded: Any, transform: str, resolution: int, gpu: bool, threads: int = 1) -> tuple[Any, Any]:
+    """(uint8 RGB images of ``resolution`` x ``resolution``, CHW from a CPU pipeline and HWC from a GPU
+    one, whether to flip each one: a coin flip for "rrc_flip", 0 for the evaluation view). The flip
+    and the layout the model gets are left to ``_images``.
+
+    DALI decodes (and for "rrc_flip" picks and decodes the random crop) in both cases; the resize
+    is DALI's on a GPU and torch's uint8 kernel on a CPU (``_torch_views``, ``threads`` threads), which
+    also gives the CPU evaluation view exactly the geometry and filter of ``transforms.center_crop``."""
     from nvidia.dali import fn, types
     from nvidia.dali import math as dmath
 
@@ -159,13 +200,23 @@ def _crops(encoded: Any, transform: str, resolution: int, gpu: bool) -> tuple[An
         img = fn.decoders.image_random_crop(encoded, device=device, output_type=types.RGB,
                                             random_area=list(rrc_scale(resolution)),
                                             random_aspect_ratio=list(RRC_RATIO), num_attempts=10)
-        img = fn.resize(img, size=[resolution, resolution], interp_type=types.INTERP_LINEAR, antialias=True)
-        return img, fn.random.coin_flip(probability=0.5)
-    # The evaluation view with the geometry of ``transforms.center_crop``, so DALI, FFCV and the
-    # built-in loader show the model the same region: shorter side to S = round(res / 0.875), the
-    # other side rounded, then the crop at floor((side - res) / 2). The sizes come from the image
-    # header (a CPU op, also when decoding on the GPU).
+        mirror = fn.random.coin_flip(probability=0.5)  # made before the resize: seeds follow the ops' order
+        if gpu:
+            img = fn.resize(img, size=[resolution, resolution], interp_type=types.INTERP_LINEAR, antialias=True)
+        else:
+            square = functools.partial(resize, size=(resolution, resolution))
+            img = fn.python_function(img, function=_torch_views(square, resolution, threads),
+                                     batch_processing=True, output_layouts="CHW")
+        return img, mirror
     img = fn.decoders.image(encoded, device=device, output_type=types.RGB)
+    if not gpu:
+        centre = functools.partial(center_crop, resolution=resolution)
+        return fn.python_function(img, function=_torch_views(centre, resolution, threads),
+                                  batch_processing=True, output_layouts="CHW"), 0
+    # On the GPU, the evaluation view with the geometry of ``transforms.center_crop``, so DALI, FFCV
+    # and the built-in loader show the model the same region: shorter side to S = round(res / 0.875),
+    # the other side rounded, then the crop at floor((side - res) / 2). The sizes come from the image
+    # header (a CPU op, also when decoding on the GPU).
     hwc = fn.peek_image_shape(encoded)
     h, w = fn.cast(hwc[0], dtype=types.FLOAT), fn.cast(hwc[1], dtype=types.FLOAT)
     scale = round(resolution / CROP_FRACTION) / dmath.min(h, w)
@@ -177,11 +228,11 @@ def _crops(encoded: Any, transform: str, resolution: int, gpu: bool) -> tuple[An
     return fn.slice(img, start=start, shape=[resolution, resolution], axes=[0, 1]), 0
 
 
-def _images(encoded: Any, transform: str, resolution: int, gpu: bool, channels_last: bool) -> Any:
+def _images(encoded: Any, transform: str, resolution: int, gpu: bool, channels_last: bool, threads: int = 1) -> Any:
     """The view ``transform`` of the images as float32 in [0, 1]: CHW, or HWC for ``channels_last``
     (the NCHW view of an NHWC batch is channels_last in memory, so torch then only permutes).
 
-    Flip, HWC -> CHW and uint8 -> float32 / 255 are one fused ``crop_mirror_normalize`` that runs on
+    Flip, the layout (CHW or HWC from the crops' own) and uint8 -> float32 / 255 are one fused ``crop_mirror_normalize`` that runs on
     DALI's worker threads (on the GPU with ``mixed``), not in the training process: a uint8 flip in
     DALI, then a permute and a float copy in torch, cost ~1.3x the CPU per image on 2 CPU cores
     (BENCHMARKS.md, "Data loaders"). Its mean 0 and std 255 only SCALE the pixels to [0, 1]: this is
@@ -189,7 +240,7 @@ def _images(encoded: Any, transform: str, resolution: int, gpu: bool, channels_l
     keeps its meaning)."""
     from nvidia.dali import fn, types
 
-    img, mirror = _crops(encoded, transform, resolution, gpu)
+    img, mirror = _crops(encoded, transform, resolution, gpu, threads)
     return fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="HWC" if channels_last else "CHW",
                                     mean=[0.0], std=[255.0], mirror=mirror)
 
@@ -296,7 +347,8 @@ def make_dali_loader(
             encoded, y = fn.readers.file(file_root=file_root, files=[files[i] for i in order],
                                          labels=[int(labels[i]) for i in order], random_shuffle=False,
                                          pad_last_batch=True, name="reader")
-            return _images(encoded, transform, resolution, gpu, channels_last), (y.gpu() if gpu else y)
+            return (_images(encoded, transform, resolution, gpu, channels_last, common["threads"]),
+                    y.gpu() if gpu else y)
 
         return build
 
@@ -334,7 +386,7 @@ def _webdataset_batches(folder: Path, convert: Any, *, global_batch: int, rank: 
                 shard_id=shard, num_shards=world_size, random_shuffle=train, seed=_seed(seed, epoch),
                 stick_to_shard=True, pad_last_batch=not train, name="reader")
             cls = fn.pad(cls, fill_value=0)  # labels of different digit counts -> one width per batch
-            return _images(encoded, transform, resolution, gpu, channels_last), (cls.gpu() if gpu else cls)
+            return _images(encoded, transform, resolution, gpu, channels_last, threads), (cls.gpu() if gpu else cls)
 
         return _iterator(graph, batch=per_rank, seed=_seed(seed, epoch, rank), partial=not train,
                          threads=threads, device_id=device_id)
