@@ -164,9 +164,10 @@ def _torch_views(view: Callable[[Tensor], Tensor], resolution: int, threads: int
     resize writes CHW, and ``crop_mirror_normalize`` lays the pixels out for the model while scaling them).
 
     Why not DALI's own ``fn.resize`` on a CPU: its linear, antialiased resampling costs ~1.6-1.9 ms of
-    CPU per 224 px random-resized crop, more than decoding the JPEG (~1.2-1.3 ms), while torch's uint8
-    kernel (``transforms.resize``, the built-in loader's) does it in ~0.6-0.9 ms; torch releases the GIL
-    in the kernel, so the threads run in parallel (BENCHMARKS.md, "Data loaders")."""
+    CPU per 224 px random-resized crop, more than decoding the JPEG (~1.1-1.3 ms), while torch's uint8
+    kernel (``transforms.resize``, the built-in loader's) takes ~0.3 ms; torch releases the GIL in the
+    kernel, so the threads run in parallel. The DALI loader got 1.5x faster on a 2-core CPU
+    (BENCHMARKS.md, "Runs 10 and 11")."""
     pool = _resize_pool(threads)
 
     def run(images: list[np.ndarray]) -> list[np.ndarray]:
