@@ -305,9 +305,9 @@ def make_dali_loader(
     x: float32 in [0, 1] on ``device``, (global_batch // world_size, 3, resolution, resolution)
     (channels_last memory format if asked); y: int64 on ``device``. ``train=True``: infinite,
     shuffled, from global step ``start_step``; ``train=False``: one pass in order, last partial
-    batch kept. ``num_workers`` is DALI's number of CPU threads (and, on a CPU, of the threads that
-    resize; the two take turns). Raises DataError for a missing or
-    malformed input, DALIUnavailableError when DALI is not installed, ValueError for bad arguments.
+    batch kept. ``num_workers`` is DALI's number of CPU threads (and, on a CPU, the number of threads
+    that resize its crops). Raises DataError for a missing or malformed input, DALIUnavailableError
+    when DALI is not installed, ValueError for bad arguments.
     """
     if transform not in TRAIN_TRANSFORMS:
         raise ValueError(f"unknown transform {transform!r}; valid: {TRAIN_TRANSFORMS}")
