@@ -167,7 +167,7 @@ def _torch_views(view: Callable[[Tensor], Tensor], resolution: int, threads: int
     CPU per 224 px random-resized crop, more than decoding the JPEG (~1.1-1.3 ms), while torch's uint8
     kernel (``transforms.resize``, the built-in loader's) takes ~0.3 ms; torch releases the GIL in the
     kernel, so the threads run in parallel. The DALI loader got 1.5x faster on a 2-core CPU
-    (BENCHMARKS.md, "Runs 10 and 11")."""
+    (BENCHMARKS.md, "Runs 10-12")."""
     pool = _resize_pool(threads)
 
     def run(images: list[np.ndarray]) -> list[np.ndarray]:
