@@ -158,7 +158,7 @@ def _resize_pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="advft-dali-resize")
 
 
-def _torch_views(view: Callable[[Tensor], Tensor], resolution: int, threads: int) -> Callable[[list], list]:
+def _torch_views(view: Callable[[Tensor], Tensor], threads: int) -> Callable[[list], list]:
     """A batch function for ``fn.python_function``: ``view`` (uint8 (3, H, W) -> (3, res, res)) applied
     to each HWC uint8 sample, the batch split over ``threads`` threads; CHW uint8 samples out (torch's
     resize writes CHW, and ``crop_mirror_normalize`` lays the pixels out for the model while scaling them).
@@ -206,13 +206,13 @@ def _crops(encoded: Any, transform: str, resolution: int, gpu: bool, threads: in
             img = fn.resize(img, size=[resolution, resolution], interp_type=types.INTERP_LINEAR, antialias=True)
         else:
             square = functools.partial(resize, size=(resolution, resolution))
-            img = fn.python_function(img, function=_torch_views(square, resolution, threads),
+            img = fn.python_function(img, function=_torch_views(square, threads),
                                      batch_processing=True, output_layouts="CHW")
         return img, mirror
     img = fn.decoders.image(encoded, device=device, output_type=types.RGB)
     if not gpu:
         centre = functools.partial(center_crop, resolution=resolution)
-        return fn.python_function(img, function=_torch_views(centre, resolution, threads),
+        return fn.python_function(img, function=_torch_views(centre, threads),
                                   batch_processing=True, output_layouts="CHW"), 0
     # On the GPU, the evaluation view with the geometry of ``transforms.center_crop``, so DALI, FFCV
     # and the built-in loader show the model the same region: shorter side to S = round(res / 0.875),
@@ -233,10 +233,10 @@ def _images(encoded: Any, transform: str, resolution: int, gpu: bool, channels_l
     """The view ``transform`` of the images as float32 in [0, 1]: CHW, or HWC for ``channels_last``
     (the NCHW view of an NHWC batch is channels_last in memory, so torch then only permutes).
 
-    Flip, the layout (CHW or HWC from the crops' own) and uint8 -> float32 / 255 are one fused ``crop_mirror_normalize`` that runs on
-    DALI's worker threads (on the GPU with ``mixed``), not in the training process: a uint8 flip in
-    DALI, then a permute and a float copy in torch, cost ~1.3x the CPU per image on 2 CPU cores
-    (BENCHMARKS.md, "Data loaders"). Its mean 0 and std 255 only SCALE the pixels to [0, 1]: this is
+    Flip, the layout (CHW or HWC from the crops' own) and uint8 -> float32 / 255 are one fused
+    ``crop_mirror_normalize`` that runs on DALI's worker threads (on the GPU with ``mixed``), not in
+    the training process: a uint8 flip in DALI, then a permute and a float copy in torch, cost ~1.3x
+    the CPU per image on 2 CPU cores (BENCHMARKS.md, "Data loaders"). Its mean 0 and std 255 only SCALE the pixels to [0, 1]: this is
     NOT mean/std normalisation, which lives inside the model (pixels are in [0, 1] outside it, so eps
     keeps its meaning)."""
     from nvidia.dali import fn, types
