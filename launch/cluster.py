@@ -27,12 +27,32 @@ class ClusterError(RuntimeError):
     """The cluster's tools failed (squeue unreachable, ...): one line for the user, no traceback."""
 
 
+def slurm_unavailable() -> str | None:
+    """Why SLURM cannot take jobs here (None: it can). An installed client whose controller does not answer
+    (no slurm.conf, slurmctld down) is not a cluster: ``sbatch`` would fail at submission."""
+    if not (shutil.which("sbatch") and shutil.which("srun")):
+        return "sbatch/srun are not on PATH"
+    try:
+        ping = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"sinfo failed ({e})"
+    if ping.returncode != 0:
+        lines = (ping.stderr or ping.stdout).strip().splitlines()
+        return "the SLURM controller does not answer (sinfo: " + (lines[-1] if lines else f"exit {ping.returncode}") + ")"
+    return None
+
+
 def resolve_kind(cluster: str, submitting: bool = True) -> str:
-    """``auto``: SLURM when ``sbatch`` is on PATH, else local processes. A dry run of ``slurm`` needs no SLURM."""
+    """``auto``: SLURM when a controller answers, else local processes (one line on stderr says why).
+    A dry run of ``slurm`` needs no SLURM."""
     if cluster not in KINDS:
         raise ConfigError(f"--cluster {cluster!r} is not valid; choose one of: {', '.join(KINDS)}")
     if cluster == "auto":
-        return "slurm" if shutil.which("sbatch") else "local"
+        why = slurm_unavailable()
+        if why is None:
+            return "slurm"
+        print(f"--cluster auto: running local processes: {why}", file=sys.stderr)
+        return "local"
     if cluster == "slurm" and submitting and not (shutil.which("sbatch") and shutil.which("srun")):
         raise ConfigError("--cluster slurm but sbatch/srun are not on PATH; use --cluster local (or auto)")
     return cluster

@@ -1,0 +1,80 @@
+"""How advft is installed and where its jobs go: ``--cluster auto`` only picks a SLURM that answers, the private
+submitit names launch/ relies on still exist as used, and ``requires-python`` tells the truth."""
+from __future__ import annotations
+
+import ast
+import inspect
+import os
+import signal
+import stat
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+import launch.cluster as K
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def fake_slurm(bin_dir: Path, sinfo_rc: int, sinfo_err: str = "") -> None:
+    """sbatch/srun that must never be called, and an sinfo answering with ``sinfo_rc``."""
+    bin_dir.mkdir()
+    for name, body in {"sbatch": "echo called >&2; exit 99", "srun": "exit 99",
+                       "sinfo": f"echo '{sinfo_err}' >&2; [ {sinfo_rc} = 0 ] && echo debug; exit {sinfo_rc}"}.items():
+        p = bin_dir / name
+        p.write_text(f"#!/bin/sh\n{body}\n")
+        p.chmod(p.stat().st_mode | stat.S_IXUSR)
+
+
+def test_auto_is_local_when_the_slurm_client_is_installed_but_no_controller_answers(tmp_path, monkeypatch, capsys):
+    fake_slurm(tmp_path / "bin", 1, "sinfo: fatal: Could not establish a configuration source")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    assert K.resolve_kind("auto") == "local"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "running local processes" in err[0] and "Could not establish" in err[0]
+
+
+def test_auto_is_slurm_when_the_controller_answers(tmp_path, monkeypatch, capsys):
+    fake_slurm(tmp_path / "bin", 0)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
+    assert K.resolve_kind("auto") == "slurm" and capsys.readouterr().err == ""
+
+
+def _pinned(name: str) -> str:
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    spec, = [d for d in deps if d.split(">")[0].split("<")[0].split("=")[0].strip() == name]
+    return spec
+
+
+def test_the_private_submitit_names_launch_uses_are_there_as_used():
+    """launch/cluster.py renders --dry-run's script with ``_make_sbatch_string``, launch/job.py asks
+    ``JobEnvironment._usr_sig()`` which signal requeues; both are private, so the version is pinned and this
+    test fails when a release changes them."""
+    import submitit
+    from submitit.slurm.slurm import _make_sbatch_string
+
+    from launch.profiles import load_profile, slurm_parameters
+
+    low, high = (part.split("=")[-1].strip() for part in _pinned("submitit").split(">=")[1].split(",<"))
+    version = tuple(int(x) for x in submitit.__version__.split(".")[:2])
+    assert tuple(int(x) for x in low.split(".")[:2]) <= version < tuple(int(x) for x in high.split(".")[:2])
+    params = set(inspect.signature(_make_sbatch_string).parameters)
+    used = {"command", "folder", "map_count", "job_name", "dependency", "additional_parameters",
+            *slurm_parameters(load_profile("local"), ["true"])}
+    assert used <= params, used - params
+    assert submitit.JobEnvironment._usr_sig() == getattr(signal, "SIG" + os.environ.get(
+        "SUBMITIT_PREEMPT_SIGNAL", "USR2"))
+
+
+def test_requires_python_is_the_oldest_python_the_code_runs_on():
+    """The sources parse as the declared minimum's grammar, and this interpreter satisfies the minimum (CI runs
+    the declared minimum: its grammar and standard library, tomllib included, are what the code uses)."""
+    req = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"]
+    assert req.startswith(">=")
+    minimum = tuple(int(x) for x in req[2:].split("."))
+    assert sys.version_info[:2] >= minimum
+    for folder in ("advft", "launch", "data_prep"):
+        for path in (ROOT / folder).rglob("*.py"):
+            ast.parse(path.read_text(), str(path), feature_version=minimum)
