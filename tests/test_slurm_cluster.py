@@ -28,11 +28,11 @@ NODE = "localhost"
 POLL_S = 0.5
 T = TypeVar("T")
 
-# A job that records each start with its restart count, then on its first run waits long enough
-# to be preempted or requeued, and on any later run finishes at once.
+# A job that records each start with its restart count, then on its first run waits far longer than
+# any test needs to preempt or requeue it, and on any later run finishes at once.
 RESTARTABLE_JOB = (
     'n="${{SLURM_RESTART_COUNT:-0}}"; echo "start $n" >> {log}; '
-    'if [ "$n" = 0 ]; then sleep 120; fi'
+    'if [ "$n" = 0 ]; then sleep 600; fi'
 )
 
 
@@ -172,7 +172,7 @@ def test_two_single_cpu_jobs_run_at_once(
     if _node_cpus(slurm_env) < 2:
         pytest.skip("the node has a single CPU")
     # Neither asks for memory: DefMemPerCPU must keep each from taking the whole node's.
-    jobs = [submit("-c", "1", "-o", str(tmp_path / f"{i}.txt"), "--wrap", "sleep 60") for i in (0, 1)]
+    jobs = [submit("-c", "1", "-o", str(tmp_path / f"{i}.txt"), "--wrap", "sleep 600") for i in (0, 1)]
     _wait_for(
         lambda: all(_job_state(slurm_env, job_id) == "RUNNING" for job_id in jobs),
         "both 1-CPU jobs to be running",

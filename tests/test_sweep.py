@@ -1,6 +1,7 @@
 """launch/sweep.py and launch/job.py: grids and run names, profiles, bad input, dry run, local sweeps, the
 lock, and requeues that lose no step (a local time limit; on SLURM ``job._interrupt()``, a real time limit
-and a partition preemption).
+and a partition preemption). A run that a signal must cut waits for it at a log step (tests/faults/hold.py):
+these tests never bet on a run still being at work when its signal lands.
 
 Tests marked ``slurm`` talk to the cluster of ``slurm/local-cluster.sh up``: without one they skip, unless
 ADVFT_REQUIRE_SLURM=1 (CI), where they fail. The tiny job runs with its evaluations cut to the bone: these
@@ -22,6 +23,7 @@ from advft import checkpoint as ckpt
 from advft import config as C
 from advft.train import finetune
 from conftest import wait_for
+from faults import hold
 from slurm_util import wait_sacct
 from launch import grid as G
 from launch import sweep as S
@@ -89,8 +91,8 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, base_encoder, cache) -> tuple[dict[str, torch.Tensor], float]:
-    """Final weights of the LONG run, uninterrupted, in this process, and the seconds it took."""
+def reference(tmp_path_factory, base_encoder, cache) -> dict[str, torch.Tensor]:
+    """Final weights of the LONG run, uninterrupted, in this process."""
     root = tmp_path_factory.mktemp("reference")
     cfg = C.load(JOB, [f"model.checkpoint={base_encoder}", f"data.path={cache}", f"run.root={root}",
                        "run.name=ref", *LEAN, *LONG])
@@ -99,16 +101,10 @@ def reference_run(tmp_path_factory, base_encoder, cache) -> tuple[dict[str, torc
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        t0 = time.monotonic()
         assert finetune(cfg)["status"] == "finished"
-        return final_weights(cfg.run.dir), time.monotonic() - t0
+        return final_weights(cfg.run.dir)
     finally:
         torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def reference(reference_run) -> dict[str, torch.Tensor]:
-    return reference_run[0]
 
 
 # ---------------------------------------------------------------- grids, names, profiles (no training)
@@ -333,22 +329,28 @@ def test_two_sweeps_started_at_once_submit_each_run_once(tmp_path, base_encoder,
 
 
 def test_local_time_limit_requeues_and_the_finished_run_is_bit_identical(tmp_path, base_encoder, cache,
-                                                                         reference, capsys):
-    # submitit's local controller sends USR2 `timeout - signal_delay` = 10 s into every start of the job and
-    # restarts it: the first start is cut (in its setup or its first steps), the second resumes where it
-    # stopped. The test then cancels the job and lets a rerun of the sweep finish the run.
+                                                                         reference, capsys, monkeypatch):
+    # submitit's local controller sends USR2 `timeout - signal_delay` = 30 s into every start of the job and
+    # restarts it. The first start waits at its first log step until that signal has come (tests/faults/
+    # hold.py), so it is cut there on any machine; the second resumes where it stopped. The test then
+    # cancels the job and lets a rerun of the sweep finish the run.
+    held = tmp_path / "hold"
+    for k, v in hold.environment(held).items():
+        monkeypatch.setenv(k, v)
     argv = args_for(tmp_path, base_encoder, cache, "--cluster", "local", "--name", "tl", "--timeout-min", "1",
-                    "--cluster-set", "signal_delay_s=50", sets=LONG)
+                    "--cluster-set", "signal_delay_s=30", sets=LONG)
     plan = S.build_plan(S.parse_args(argv))
     job, = S.submit(plan, plan.runs)
     run = plan.runs[0].cfg.run.dir
     try:
+        hold.wait_held(held, alive=lambda: job.state == "RUNNING")
         restarted = wait_for(lambda: starts(run)[1:], "the restart after the time limit", timeout_s=180)
     finally:
         job.cancel()
         wait_for(lambda: job.state != "RUNNING", "the cancelled job to end", timeout_s=60)
+    monkeypatch.delenv(hold.ENV)
     stop = restarted[0]["resume_step"]
-    assert stop > 0 and stop in [s for s, _ in ckpt.list_checkpoints(run)] + [0]
+    assert stop == 2 and stop in [s for s, _ in ckpt.list_checkpoints(run)]  # the held log step
     out, err = job.stdout(), job.stderr()
     assert "timed-out" in out and "Requeued job" in out  # submitit's handler ran, after the checkpoint
     assert f"stopped at step {stop} on request" in err and "(signals: SIGUSR2)" in err
@@ -361,14 +363,14 @@ def test_local_time_limit_requeues_and_the_finished_run_is_bit_identical(tmp_pat
 
 # ---------------------------------------------------------------- SLURM (the local test cluster)
 
-def submit_and_wait_for_training(capsys, slurm, argv: list[str], sweep_dir: Path) -> tuple[str, str, Path]:
+def submit_and_hold(capsys, slurm, argv: list[str], sweep_dir: Path, held: Path) -> tuple[str, str, Path]:
+    """Submit the sweep of one run and wait until its first start is held at its first log step."""
     slurm.append(sweep_dir)
     rc, out, err = run_main(capsys, argv)
     assert rc == 0, out + err
     name, entry = only_run(sweep_dir)
-    run = sweep_dir / name
-    wait_for(lambda: train_steps(run), "the first training step")
-    return name, entry["job_id"], run
+    hold.wait_held(held)
+    return name, entry["job_id"], sweep_dir / name
 
 
 @pytest.mark.slurm
@@ -389,19 +391,24 @@ def test_slurm_sweep_is_one_job_array_and_sacct_shows_it(slurm, tmp_path, base_e
 
 @pytest.mark.slurm
 def test_slurm_interrupt_and_partition_preemption_requeue_and_the_run_ends_bit_identical(
-        slurm, tmp_path, base_encoder, cache, reference, capsys):
+        slurm, tmp_path, base_encoder, cache, reference, capsys, monkeypatch):
     import submitit
 
+    # The first two starts wait at their first log step (tests/faults/hold.py): the first until submitit's
+    # USR2 has come (its interrupt sends SIGTERM first, and the job must see both), the second until the
+    # preemption's SIGTERM. So each signal lands while the run trains, however fast this machine is.
+    held = tmp_path / "hold"
+    for k, v in hold.environment(held, starts=2, until=["USR2", "stop"]).items():
+        monkeypatch.setenv(k, v)
     # the run keeps the profile's 1 CPU (and so the reference's 1 thread); the high job asks for the whole node
     argv = args_for(tmp_path, base_encoder, cache, "--cluster", "slurm", "--name", "cut", "--partition", "low",
                     sets=LONG)
-    name, job_id, run = submit_and_wait_for_training(capsys, slurm, argv, tmp_path / "cut")
+    name, job_id, run = submit_and_hold(capsys, slurm, argv, tmp_path / "cut", held)
     # 1. submitit's test hook (SIGTERM then USR2, as SLURM does): the run stops at a step boundary, the job
     #    requeues itself through submitit
     job = submitit.SlurmJob(folder=read_sweep(tmp_path / "cut")["cluster"]["submitit_folder"], job_id=job_id)
     job._interrupt()
-    wait_for(lambda: len(starts(run)) == 2 and train_steps(run)[-1] > starts(run)[1]["resume_step"],
-             "training after the first requeue")
+    hold.wait_held(held, 1)
     # 2. partition preemption: SIGTERM only; SLURM requeues the job itself
     high = subprocess.run(["sbatch", "--parsable", "-p", "high", "--exclusive", "-o", "/dev/null", "--wrap",
                            "sleep 1"], capture_output=True, text=True, timeout=30)
@@ -413,25 +420,29 @@ def test_slurm_interrupt_and_partition_preemption_requeue_and_the_run_ends_bit_i
                and acct[-1:] == ["COMPLETED"], every_start=True)
     seen = starts(run)
     assert [s["slurm"].get("SLURM_RESTART_COUNT") for s in seen] == [None, "1", "2"], seen
-    # preemption may SIGKILL the run before its next log step: it then resumes from its last checkpoint
-    assert 0 < seen[1]["resume_step"] <= seen[2]["resume_step"] < 40
+    # stopped at the first held log step; preemption may SIGKILL the second start before it has checkpointed
+    # the second: it then resumes from the first's checkpoint
+    assert seen[1]["resume_step"] == 2 and seen[2]["resume_step"] in (2, 4), seen
     _, err = job_logs(tmp_path / "cut", job_id)
-    assert f"stopped at step {seen[1]['resume_step']} on request" in err  # at a boundary, not a periodic checkpoint
+    assert "stopped at step 2 on request" in err  # at a boundary, not a periodic checkpoint
     assert train_steps(run) == list(range(2, 41, 2))  # no step lost, none logged twice
     assert_same_weights(final_weights(run), reference)
 
 
 @pytest.mark.slurm
 def test_slurm_time_limit_signals_the_run_which_checkpoints_requeues_and_resumes(slurm, tmp_path, base_encoder,
-                                                                                cache, capsys):
+                                                                                cache, capsys, monkeypatch):
     # a 1-minute limit with the profile's 30 s signal delay: SLURM checks limits every 30 s, so USR2 comes
-    # within the first 30 s of each start; the run is long enough to be training then
+    # 30 to 60 s into each start; the first start waits for it at its first log step (tests/faults/hold.py)
+    held = tmp_path / "hold"
+    for k, v in hold.environment(held).items():
+        monkeypatch.setenv(k, v)
     argv = args_for(tmp_path, base_encoder, cache, "--cluster", "slurm", "--name", "limit", "--timeout-min", "1",
-                    sets=["optim.steps=2000", "run.ckpt_every=1000"])
-    name, job_id, run = submit_and_wait_for_training(capsys, slurm, argv, tmp_path / "limit")
-    seen = wait_for(lambda: starts(run)[1:], "the requeued start", timeout_s=120)
+                    sets=LONG)
+    name, job_id, run = submit_and_hold(capsys, slurm, argv, tmp_path / "limit", held)
+    seen = wait_for(lambda: starts(run)[1:], "the requeued start", timeout_s=240)
     stop = seen[0]["resume_step"]
-    assert 0 < stop < 2000 and ckpt.load_latest(run)[0] >= stop
+    assert stop == 2 and ckpt.load_latest(run)[0] >= stop
     out, err = job_logs(tmp_path / "limit", job_id)
     # the signal was deferred to the step boundary: the run stopped there, then submitit requeued the job
     assert f"stopped at step {stop} on request" in err and "(signals: SIGUSR2)" in err

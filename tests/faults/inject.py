@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """``launch/train.py`` with a fault armed for THIS process only: the fault suite's subprocess driver.
 
-    python tests/faults/inject.py [--sweep] [--nan-at STEP [--nan-in TEXT]] [--pause-ckpt STEP:SECONDS]
-                                  [--enospc-ckpt STEP] -- ARGS
+    python tests/faults/inject.py [--sweep] [--nan-at STEP [--nan-in TEXT]] [--hold-ckpt STEP:WINDOW]
+                                  [--hold-train STEP] [--hold-final] [--enospc-ckpt STEP] -- ARGS
 
 ARGS are launch/train.py's own arguments (with --sweep: launch/sweep.py's; use ``--cluster debug`` so the
 runs execute in this process, where the fault is armed); its ``main`` runs unchanged, with one of these armed:
@@ -12,9 +12,13 @@ runs execute in this process, where the fault is armed); its ``main`` runs uncha
                       the run's config (and so its hash and folder) stays the one the user gave. A rerun
                       without the flag is the same run, as after a flaky GPU. With --nan-in TEXT only runs
                       whose run.name contains TEXT are hit (one run of a sweep).
---pause-ckpt S:SECS   the save of the checkpoint of step S pauses SECS seconds twice inside its write window:
-                      once with the temporary data file complete and no checksum yet, once with the checksum
-                      renamed into place and the data file not yet. A test SIGKILLs the process there.
+--hold-ckpt S:WINDOW  the save of the checkpoint of step S stops inside its write window until the process is
+                      killed: WINDOW ``tmp`` with the temporary data file complete and no checksum yet,
+                      ``rename`` with the checksum renamed into place and the data file not yet.
+--hold-train STEP     the run stops before it logs train step STEP (the step is computed) until killed.
+--hold-final          the run stops before results.json says finished (the final evaluation is done) until
+                      killed. A test SIGKILLs the process at a hold: the moment cannot pass before the kill,
+                      however fast the machine; a hold nobody kills ends the process loudly after a deadline.
 --enospc-ckpt STEP    the write of the checkpoint of STEP fails half-way with ENOSPC (a full disk where no
                       small filesystem can be mounted).
 
@@ -51,19 +55,33 @@ def ckpt_name(step: int) -> str:
     return f"step_{step:08d}.pt"
 
 
-def pause_checkpoint(step: int, seconds: float) -> None:
+HOLD_DEADLINE_S = 600.0
+
+
+def wait_to_be_killed(where: str) -> None:
+    """Stay here until a test kills this process; end it loudly if none does within the deadline."""
+    deadline = time.monotonic() + HOLD_DEADLINE_S
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+    print(f"inject.py: held {where} for {HOLD_DEADLINE_S:.0f} s and nobody killed the process", file=sys.stderr)
+    os._exit(70)
+
+
+def hold_checkpoint(step: int, window: str) -> None:
     import advft.checkpoint as K
 
+    if window not in ("tmp", "rename"):
+        raise SystemExit(f"--hold-ckpt {step}:{window}: the window is tmp or rename")
     name = ckpt_name(step)
     sha256 = K._sha256
 
-    def slow_sha256(path: Path) -> str:
-        if path.name.startswith(f".{name}.") and path.name.endswith(".tmp"):
-            time.sleep(seconds)  # window 1: temporary data file written and fsynced, no checksum yet
+    def held_sha256(path: Path) -> str:
+        if window == "tmp" and path.name.startswith(f".{name}.") and path.name.endswith(".tmp"):
+            wait_to_be_killed(f"in {name}'s write (temporary data file written and fsynced, no checksum yet)")
         return sha256(path)
 
-    class SlowReplaceOs:
-        """``os`` for advft.checkpoint only, pausing right after the checksum's rename."""
+    class HeldReplaceOs:
+        """``os`` for advft.checkpoint only, holding right after the checksum's rename."""
 
         def __getattr__(self, attr: str) -> Any:
             return getattr(os, attr)
@@ -71,11 +89,37 @@ def pause_checkpoint(step: int, seconds: float) -> None:
         @staticmethod
         def replace(src: Any, dst: Any) -> None:
             os.replace(src, dst)
-            if Path(dst).name == name + ".sha256":
-                time.sleep(seconds)  # window 2: checksum in place, data file not renamed yet
+            if window == "rename" and Path(dst).name == name + ".sha256":
+                wait_to_be_killed(f"in {name}'s write (checksum in place, data file not renamed yet)")
 
-    K._sha256 = slow_sha256
-    K.os = SlowReplaceOs()
+    K._sha256 = held_sha256
+    K.os = HeldReplaceOs()
+
+
+def hold_train_record(step: int) -> None:
+    from advft import tracking
+
+    log = tracking.MetricsLog.log
+
+    def held_log(self: Any, record: Any) -> None:
+        if record.get("kind") == "train" and record.get("step") == step:
+            wait_to_be_killed(f"before logging train step {step}")
+        log(self, record)
+
+    tracking.MetricsLog.log = held_log
+
+
+def hold_final_results() -> None:
+    from advft import tracking
+
+    write_json = tracking.write_json
+
+    def held_write_json(path: Any, obj: Any) -> None:
+        if Path(path).name == "results.json" and isinstance(obj, dict) and obj.get("status") == "finished":
+            wait_to_be_killed("after the final evaluation, before results.json says finished")
+        write_json(path, obj)
+
+    tracking.write_json = held_write_json
 
 
 def enospc_checkpoint(step: int) -> None:
@@ -120,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweep", action="store_true")
     p.add_argument("--nan-at", type=int)
     p.add_argument("--nan-in", default="")
-    p.add_argument("--pause-ckpt", metavar="STEP:SECONDS")
+    p.add_argument("--hold-ckpt", metavar="STEP:WINDOW")
+    p.add_argument("--hold-train", type=int, metavar="STEP")
+    p.add_argument("--hold-final", action="store_true")
     p.add_argument("--enospc-ckpt", type=int)
     p.add_argument("train_args", nargs=argparse.REMAINDER)
     a = p.parse_args(argv)
@@ -130,9 +176,13 @@ def main(argv: list[str] | None = None) -> int:
         import advft.train as T
 
         T.fare_step = transient_nan(T.fare_step, a.nan_at, lambda cfg: a.nan_in in cfg.run.name)
-    if a.pause_ckpt:
-        step, _, seconds = a.pause_ckpt.partition(":")
-        pause_checkpoint(int(step), float(seconds))
+    if a.hold_ckpt:
+        step, _, window = a.hold_ckpt.partition(":")
+        hold_checkpoint(int(step), window)
+    if a.hold_train is not None:
+        hold_train_record(a.hold_train)
+    if a.hold_final:
+        hold_final_results()
     if a.enospc_ckpt is not None:
         enospc_checkpoint(a.enospc_ckpt)
     if a.sweep:

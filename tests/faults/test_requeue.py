@@ -3,7 +3,8 @@ the resumed run ends bit-identical to an uninterrupted one, with no step compute
 
 Ten single stops and one double stop run in this process through ``finetune(should_stop=...)`` (the flag a
 signal handler raises, polled at log steps); one trial sends a REAL SIGUSR1 to ``launch/train.py
---stop-signals USR1`` and checks its exit code 75.
+--stop-signals USR1``, held at a log step until the signal has come (``hold.py``), and checks its exit
+code 75.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
 
 import advft.train as T
 from faults import helpers as H
+from faults import hold
 from faults.record import record
 
 RNG = random.Random(H.SEED)
@@ -80,10 +82,11 @@ def test_requeue_at_a_step_resumes_bit_identical(stops, fault_run, reference, st
 def test_real_sigusr1_to_launch_train_exits_75_and_the_rerun_is_bit_identical(fault_run, reference, tmp_path):
     after = random.Random(H.SEED + 1).randint(2, 6)
     cfg, sets = fault_run("rq-usr1")
-    proc = H.start_cli(["launch/train.py", *H.train_argv(sets, "--stop-signals", "USR1")], tmp_path / "log")
+    held = tmp_path / "hold"  # the run waits at its log step `after` until the signal has come (hold.py)
+    env = H.child_env(**hold.environment(held, poll=after))
+    proc = H.start_cli(["launch/train.py", *H.train_argv(sets, "--stop-signals", "USR1")], tmp_path / "log", env)
     try:
-        H.wait_for(lambda: proc.poll() is not None or max(H.logged_steps(cfg.run.dir), default=0) >= after,
-                   f"train step {after}")
+        hold.wait_held(held, alive=lambda: proc.poll() is None)
         os.kill(proc.pid, signal.SIGUSR1)
         rc = proc.wait(timeout=120)
     finally:
@@ -96,10 +99,10 @@ def test_real_sigusr1_to_launch_train_exits_75_and_the_rerun_is_bit_identical(fa
     T.finetune(cfg)  # the requeued job: the same run, started again
     ok, detail = H.compare_to_reference(cfg.run.dir, reference)
     resumed = H.starts(cfg.run.dir)
-    ok = ok and rc == 75 and stop >= after and saved == stop and resumed == [0, stop]
-    record(FAULT, f"real SIGUSR1 after step {after}",
+    ok = ok and rc == 75 and stop == after and saved == stop and resumed == [0, stop]
+    record(FAULT, f"real SIGUSR1 at step {after}",
            f"launch/train.py checkpointed at step {stop} and exited {rc}; rerun resumed at step {stop}", ok,
-           detail, how="os.kill(pid, SIGUSR1) to launch/train.py --stop-signals USR1")
+           detail, how="os.kill(pid, SIGUSR1) to launch/train.py --stop-signals USR1, held at that log step")
     assert rc == 75 and m, err[-2000:]
-    assert saved == stop and resumed == [0, stop]
+    assert stop == after and saved == stop and resumed == [0, stop]
     assert ok, detail

@@ -7,8 +7,10 @@ Moments (drawn from the suite's seed, each recorded):
   tmp c         the temporary data file of checkpoint c exists and has no checksum yet (write window 1)
   rename c      checkpoint c's checksum is in place, its data file not yet renamed (write window 2)
   final-eval    the last checkpoint is complete, results.json not yet final: during the final evaluation
-The write windows are held open a few seconds by ``inject.py --pause-ckpt`` so the kill lands inside them.
-The victim is a subprocess; the next start runs the same config in this process.
+The victim (a subprocess) is held by ``inject.py`` until it is killed: before it logs step 1 (startup) or
+step k+1 (step k), inside the write window (tmp c, rename c), before results.json says finished
+(final-eval). So the moment cannot pass before the kill, however fast the machine. The next start runs
+the same config in this process.
 """
 from __future__ import annotations
 
@@ -58,7 +60,8 @@ def reached(kind: str, n: int, run_dir) -> bool:
 def test_sigkill_then_restart_loses_nothing(kind, n, fault_run, reference, tmp_path, caplog):
     cfg, sets = fault_run(f"kill-{kind}-{n}")
     run_dir = cfg.run.dir
-    inject = ["--pause-ckpt", f"{n}:4"] if kind in ("tmp", "rename") else []
+    inject = {"startup": ["--hold-train", "1"], "step": ["--hold-train", str(n + 1)], "tmp": ["--hold-ckpt", f"{n}:tmp"],
+              "rename": ["--hold-ckpt", f"{n}:rename"], "final-eval": ["--hold-final"]}[kind]
     proc = H.start_cli(["tests/faults/inject.py", *inject, "--", *H.train_argv(sets)], tmp_path / "log")
     try:
         H.wait_for(lambda: proc.poll() is not None or reached(kind, n, run_dir), f"moment {kind} {n}",
