@@ -1,9 +1,9 @@
 """Two versions of ``advft/data/dali_loader.py`` against each other, with the loader benchmark's protocol.
 
-    mkdir -p bench_work && git show b0a8578:advft/data/dali_loader.py > bench_work/dali_loader_b0a8578.py
-    .venv/bin/python benchmarks/loaders.py --images 1024 --work bench_work --loaders folder,dali --repeats 1
-    .venv/bin/python benchmarks/dali_ab.py --work bench_work --a bench_work/dali_loader_b0a8578.py \\
-        --b advft/data/dali_loader.py --repeats 8 --out benchmarks/results/dali_ab.json
+    mkdir -p bench_work && git show 577c91c:advft/data/dali_loader.py > bench_work/dali_loader_577c91c.py
+    .venv/bin/python benchmarks/loaders.py --work bench_work --loaders folder,dali --repeats 1   # writes the plan
+    .venv/bin/python benchmarks/dali_ab.py --work bench_work --a bench_work/dali_loader_577c91c.py \\
+        --b advft/data/dali_loader.py --repeats 8 --out benchmarks/results/dali_resize_ab.json
 
 Each measurement is ``loaders.measure("dali", plan)`` in a fresh process whose
 ``advft.data.dali_loader`` is the file given (``--a`` or ``--b``), on the plan (file list, batch,
