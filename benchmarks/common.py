@@ -37,8 +37,7 @@ def native_bf16(device: torch.device) -> bool:
     ``run.precision = "auto"`` decides (:func:`advft.distributed.resolve_precision`), so ``--precision auto``
     means the same here as in a run.
 
-    On a CPU without it oneDNN emulates bf16 and autocast is many times SLOWER than fp32 (on this project's
-    AMD EPYC test machine: ~10x for ResNet-50 convolutions, ~500x for a 2048^3 matmul). oneDNN's own
+    On a CPU without it oneDNN emulates bf16 and autocast is many times SLOWER than fp32. oneDNN's own
     ``_is_mkldnn_bf16_supported()`` is not the test: it is True on any AVX512 CPU, emulation included.
     """
     return resolve_precision("auto", device) == "bf16"

@@ -10,13 +10,10 @@ loss with respect to phi's parameters is computed three ways from the same weigh
 reference), eager float32 and torch.compile float32. Printed per parameter tensor: max |g - g_ref| / max
 |g_ref|.
 
-What it showed (torch 2.14, CPU inductor, randomly initialised tiny encoder): with BN in TRAIN mode the
-first stage's gradient is ill-conditioned. On the APGD batch compiled fp32 was up to ~5e-2 from float64
-while eager was within 4e-6; on the random-sign batch (``--z sign``, seed 9) it was the other way round
-(eager 1.5e-2, compiled 1.4e-5; seed 10: both within 1e-5); compiled float64 matched eager float64
-exactly. With BN in EVAL mode both stay within ~3e-6. So a compiled-vs-eager fp32 comparison is only
-meaningful where the quantity is well conditioned, which is why tests/test_perf_equivalence.py compares
-the step with BN in eval mode.
+Why it matters: with BN in TRAIN mode the first stage's gradient is ill-conditioned, so fp32 lands far
+from float64, compiled or eager depending on the batch, while compiled float64 equals eager float64; with
+BN in EVAL mode both stay close. A compiled-vs-eager fp32 comparison is only meaningful where the quantity
+is well conditioned, which is why tests/test_perf_equivalence.py compares the step with BN in eval mode.
 """
 from __future__ import annotations
 
