@@ -117,7 +117,10 @@ def test_without_cuda_the_gpu_parts_say_so(tmp_path: Path) -> None:
 @no_cuda
 def test_cpu_smoke_run_writes_the_json_schema(tmp_path: Path) -> None:
     out = tmp_path / "smoke.json"
-    done = _check("--smoke", "--peak-tflops", "0.5", "--out", str(out))
+    # generous limits: this checks what the JSON says, not how fast a shared CI machine is (limits: above)
+    budgets = {"cuda_tests": 600, "step": 1200, "loaders": 600}
+    limits = [f"--budget-{p.replace('_', '-')}={s}" for p, s in budgets.items()]
+    done = _check("--smoke", "--peak-tflops", "0.5", "--total", "2400", *limits, "--out", str(out), timeout=2600)
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(out.read_text())
     assert {"check", "schema", "command", "started", "finished", "seconds", "smoke", "total_budget_s", "env",
@@ -127,7 +130,7 @@ def test_cpu_smoke_run_writes_the_json_schema(tmp_path: Path) -> None:
         assert math.isfinite(value), path
     assert report["seconds"] <= report["total_budget_s"]
     for part, r in report["parts"].items():
-        assert r["seconds"] <= r["budget_s"] <= G.BUDGETS[part]
+        assert r["seconds"] <= r["budget_s"] <= budgets[part]
 
     tests = report["parts"]["cuda_tests"]  # collected, and every one skipped for want of CUDA
     assert tests["status"] == G.NO_CUDA
