@@ -18,7 +18,8 @@ recorded as ``timeout after N s``; the JSON is rewritten after every part, so wh
   FlopCounterMode formulas, ``benchmarks/common.count_flops``), achieved TFLOP/s, and MFU = achieved /
   the GPU's dense peak for that precision (``PEAK_TFLOPS`` by ``torch.cuda.get_device_name``, or
   ``--peak-tflops``). The FLOPs are the whole step's: attack, FARE loss, backward.
-- ``loaders``: ``benchmarks/loaders.py --device cuda``, one short interleaved round of every installed loader.
+- ``loaders``: ``benchmarks/loaders.py --device cuda``, one short round of folder, torchvision, FFCV and DALI
+  (those installed; DALI decodes on the GPU), channels-last.
 
 Without a CUDA device every part says ``skipped: no CUDA device`` (the CUDA tests still run, to show that
 they are collected and skip). ``--smoke`` runs the step and loader parts on tiny sizes on whatever device

@@ -5,9 +5,8 @@
 # stops the whole check if something hangs outside a part.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$ROOT"
 if [[ -n "${PYTHON:-}" ]]; then PY="$PYTHON"
-elif [[ -x .venv/bin/python ]]; then PY=.venv/bin/python
+elif [[ -x "$ROOT/.venv/bin/python" ]]; then PY="$ROOT/.venv/bin/python"
 else PY=python3
 fi
 total=480
@@ -19,4 +18,4 @@ for ((i = 0; i < ${#args[@]}; i++)); do
   esac
 done
 [[ "$total" =~ ^[0-9]+([.][0-9]+)?$ ]] || { echo "gpu_check.sh: --total must be seconds, got '$total'" >&2; exit 2; }
-exec timeout --kill-after=15 "$(( ${total%.*} + 60 ))" "$PY" benchmarks/gpu_check.py "$@"
+exec timeout --kill-after=15 "$(( ${total%.*} + 60 ))" "$PY" "$ROOT/benchmarks/gpu_check.py" "$@"  # --out is relative to here

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,9 @@ def _numbers(obj, path: str = ""):
 
 def test_the_script_parses_and_explains_itself() -> None:
     assert subprocess.run(["bash", "-n", str(SCRIPT)]).returncode == 0
+    if shutil.which("shellcheck"):  # CI installs it (scripts/test.sh)
+        lint = subprocess.run(["shellcheck", str(SCRIPT)], capture_output=True, text=True)
+        assert lint.returncode == 0, lint.stdout
     done = _check("--help", timeout=120)
     assert done.returncode == 0, done.stderr
     assert "8 minutes" in done.stdout and "skipped: no CUDA device" in done.stdout
