@@ -6,18 +6,28 @@ Examples
     python -m data_prep dali /data/imagenet /data/dali --split train --shards 1024 --verify
     python -m data_prep dali /data/imagenet /data/dali --shards 1024 --shard-range 0:64   # one slice, after the list
 
-Exit status 0 on success (also when the output already existed), 2 on a bad source, output or
-setting (one line on stderr naming the path or value).
+Exit status (every failure is one line on stderr, and leaves no temporary file, worker process or
+shared memory behind):
+    0    success, also when the output already existed (with --verify: and was read back again)
+    2    a bad source, output or setting, or --verify found a mismatch (naming the path or value);
+         an output folder that cannot be written is found before any work
+    4    writing failed: the disk is full, read-only or failing; rerun when there is room
+    130  stopped by SIGINT (Ctrl-C), 143 by SIGTERM; a rerun starts over (DALI: keeps finished shards)
+After SIGKILL the workers die with the main process, and the next run removes its temporary files.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
 
+from data_prep.processes import Interrupted, stop_on_signals
 from data_prep.sources import PrepError
+
+_WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -33,12 +43,15 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def common(s: argparse.ArgumentParser) -> None:
-        s.add_argument("src", help="ImageFolder tree (SRC/<split>/<class>/* or SRC/<class>/*) or CIFAR-10 root")
+        s.add_argument("src", help="ImageFolder tree (SRC/<split>/<class>/* or SRC/<class>/*) or CIFAR-10 root; "
+                                   "links are followed, each real folder and file read once, and only regular "
+                                   "files opened (others are listed as skipped)")
         s.add_argument("out", help="output folder")
         s.add_argument("--split", default="train", help="train / val / test")
         s.add_argument("--workers", type=int, default=0, help="processes (0 = one per CPU)")
         s.add_argument("--strict", action="store_true", help="fail on an unreadable image instead of skipping it")
-        s.add_argument("--verify", action="store_true", help="read the output back and check it against the source")
+        s.add_argument("--verify", action="store_true",
+                       help="read the output back and check it against the source (also an existing output)")
 
     f = sub.add_parser("ffcv", help="write an FFCV .beton", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     common(f)
@@ -72,28 +85,44 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[data_prep] %(message)s", stream=sys.stderr)
     try:
-        if args.workers < 0:
-            raise PrepError(f"--workers must be >= 0 (0 = one per CPU), got {args.workers}")
-        if os.path.exists(args.out) and not os.path.isdir(args.out):
-            raise PrepError(f"output {args.out} exists and is not a folder; give a folder (created if missing)")
-        if args.command == "ffcv":
-            from data_prep.ffcv_prep import FFCVSettings, convert
-
-            settings = FFCVSettings(split=args.split, max_res=args.max_res, compress_prob=args.compress_prob,
-                                    jpeg_quality=args.jpeg_quality, write_mode=args.write_mode,
-                                    smart_threshold=args.smart_threshold, subset=args.subset, seed=args.seed)
-            print(convert(args.src, args.out, settings, workers=args.workers, strict=args.strict, verify=args.verify))
-        else:
-            from data_prep.dali_prep import DALISettings, prepare
-
-            settings = DALISettings(split=args.split, shards=args.shards, seed=args.seed)
-            paths = prepare(args.src, args.out, settings, workers=args.workers, strict=args.strict, verify=args.verify,
-                            shard_range=args.shard_range)
-            print(paths.shard_dir if args.shard_range else paths.file_list)
+        with stop_on_signals():
+            _run(args)
     except PrepError as e:
         print(f"data_prep: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in _WRITE_ERRORS:
+            raise  # not a full, read-only or failing disk: keep the traceback, it is a bug
+        where = f" {e.filename}" if e.filename else ""
+        print(f"data_prep: error: cannot write{where}: {e.strerror}; nothing half-written is kept, "
+              "rerun when there is room", file=sys.stderr)
+        return 4
+    except Interrupted as e:
+        print(f"data_prep: stopped by {e}; temporary files removed, finished outputs kept", file=sys.stderr)
+        return 128 + e.signum
     return 0
+
+
+def _run(args: argparse.Namespace) -> None:
+    """The command of ``args``; raises PrepError, OSError or Interrupted (see ``main``)."""
+    if args.workers < 0:
+        raise PrepError(f"--workers must be >= 0 (0 = one per CPU), got {args.workers}")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise PrepError(f"output {args.out} exists and is not a folder; give a folder (created if missing)")
+    if args.command == "ffcv":
+        from data_prep.ffcv_prep import FFCVSettings, convert
+
+        settings = FFCVSettings(split=args.split, max_res=args.max_res, compress_prob=args.compress_prob,
+                                jpeg_quality=args.jpeg_quality, write_mode=args.write_mode,
+                                smart_threshold=args.smart_threshold, subset=args.subset, seed=args.seed)
+        print(convert(args.src, args.out, settings, workers=args.workers, strict=args.strict, verify=args.verify))
+    else:
+        from data_prep.dali_prep import DALISettings, prepare
+
+        settings = DALISettings(split=args.split, shards=args.shards, seed=args.seed)
+        paths = prepare(args.src, args.out, settings, workers=args.workers, strict=args.strict, verify=args.verify,
+                        shard_range=args.shard_range)
+        print(paths.shard_dir if args.shard_range else paths.file_list)
 
 
 if __name__ == "__main__":

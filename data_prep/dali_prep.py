@@ -23,8 +23,8 @@ Splitting the work (``slurm/prep_imagenet.sbatch`` does this as a SLURM job arra
 3. ``dali SRC OUT --shards N`` finds the shards already written and writes only the missing ones
    and the sidecar (the same call on one machine writes all N).
 The shards are byte for byte those of a single run. A run reuses the image check recorded in the
-sidecar of an earlier complete run in OUT when the split folder still holds exactly the files (names
-and labels) of that file list; file contents are trusted, as for "already done". A shard is kept when
+sidecar of an earlier complete run in OUT when the split folder is unchanged since (the same files,
+sizes and mtimes: ``Source.digest``) and the file list is still the one written. A shard is kept when
 its index lists exactly the keys this file list, seed and N put there and its tar is long enough;
 a run that had to check the images afresh deletes all shards first, since their keys refer to the
 lines of the list it replaces.
@@ -44,7 +44,9 @@ from typing import Any
 import numpy as np
 
 from data_prep.images import Probe, jpeg_bytes, probe_all, read_rgb
-from data_prep.outputs import file_sizes, is_done, provenance, read_json, write_json_atomic, write_text_atomic
+from data_prep.outputs import (check_digests, check_writable, file_digests, file_sizes, is_done, provenance, read_json,
+                               remove_dead_tmp, write_json_atomic, write_text_atomic)
+from data_prep.processes import worker_init
 from data_prep.sources import PrepError, Source, resolve
 from data_prep.wds import INDEX_VERSION, ShardWriter, shard_names
 
@@ -119,6 +121,8 @@ def _earlier_check(paths: DALIPaths, source: Source) -> _Checked | None:
     meta = read_json(paths.sidecar)
     if not meta or not meta.get("complete") or meta.get("file_root") != str(source.root):
         return None
+    if meta.get("source_digest") != source.digest:
+        return None
     if meta.get("settings", {}).get("split") != paths.split or meta.get("classes") != source.classes:
         return None
     sizes = meta.get("files", {})
@@ -126,7 +130,7 @@ def _earlier_check(paths: DALIPaths, source: Source) -> _Checked | None:
         if not f.is_file() or sizes.get(f.name) != f.stat().st_size:
             return None
     skipped = list(meta.get("skipped", []))
-    bad = {s["path"] for s in skipped}
+    bad = {s["path"] for s in skipped}  # also holds source.excluded, which are not in source.files
     readable = source.take(np.asarray([i for i, f in enumerate(source.files) if f not in bad], dtype=np.int64))
     if paths.file_list.read_text(encoding="utf-8") != _list_text(readable):
         return None
@@ -206,7 +210,7 @@ def _write_shards(paths: DALIPaths, checked: _Checked, settings: DALISettings, w
     log.info("writing %d shards to %s (%d of shards %d..%d already complete)", len(tasks), paths.shard_dir,
              kept, shard_range[0], shard_range[1] - 1)
     if workers > 1 and len(tasks) > 1:
-        with mp.get_context("fork").Pool(min(workers, len(tasks))) as pool:
+        with mp.get_context("fork").Pool(min(workers, len(tasks)), worker_init) as pool:
             for _ in pool.imap_unordered(_write_shard, tasks):
                 pass
     else:
@@ -227,11 +231,23 @@ def _write_shards(paths: DALIPaths, checked: _Checked, settings: DALISettings, w
 
 
 def _remove_shards(folder: Path, keep: Collection[str] = ()) -> None:
-    """Deletes shard files (and temporary files of interrupted writers) in ``folder`` not named in ``keep``."""
+    """Deletes shard files in ``folder`` not named in ``keep`` (and temporary files of dead writers)."""
     if folder.is_dir():
-        for f in [*folder.glob("shard-*"), *folder.glob(".shard-*.tmp-*")]:
+        remove_dead_tmp(folder)
+        for f in folder.glob("shard-*"):
             if f.name not in keep:
                 f.unlink()
+
+
+def _verify(paths: DALIPaths, meta: dict[str, Any]) -> None:
+    """Reads the outputs back with DALI; a failure removes the sidecar, so they no longer count as done."""
+    from data_prep.dali_verify import verify_outputs
+
+    try:
+        verify_outputs(paths, meta)
+    except PrepError:
+        paths.sidecar.unlink(missing_ok=True)
+        raise
 
 
 def _check_shard_range(shard_range: tuple[int, int], shards: int) -> None:
@@ -265,18 +281,25 @@ def prepare(
         _check_shard_range(shard_range, settings.shards)
         if verify:
             raise PrepError("--verify reads back the finished output: give it to the final run without --shard-range")
+    check_writable(paths.folder, folders=(paths.shard_dir,), files=(paths.file_list, paths.class_index, paths.sidecar))
     source = resolve(src, settings.split)
     if source.kind != "folder":
         raise PrepError(f"{source.root} is a CIFAR-10 root; DALI reads image files. Convert it with "
                         "`python -m data_prep ffcv` or use the built-in cifar10 loader")
     recorded = {**asdict(settings), "source": str(source.root)}
-    if shard_range is None and is_done(paths.sidecar, recorded):
-        log.info("skipped: %s already holds these settings (delete %s to rebuild)", paths.folder, paths.sidecar)
-        if verify:
-            from data_prep.dali_verify import verify_outputs
-
-            verify_outputs(paths)
+    if shard_range is None and is_done(paths.sidecar, recorded, source.digest):
+        if not verify:
+            log.info("skipped: %s already holds these settings (delete %s to rebuild)", paths.folder, paths.sidecar)
+            return paths
+        log.info("%s already holds these settings; verifying them", paths.folder)
+        try:
+            check_digests(paths.sidecar)
+        except PrepError:
+            paths.sidecar.unlink(missing_ok=True)
+            raise
+        _verify(paths, read_json(paths.sidecar) or {})
         return paths
+    remove_dead_tmp(paths.folder)
     t0 = time.time()
     checked = _earlier_check(paths, source)
     if shard_range is not None:
@@ -297,6 +320,8 @@ def prepare(
     else:
         log.info("reusing the image check of %s (%d images, the same files)", paths.sidecar, len(checked.source))
     skipped = checked.skipped
+    if fresh:
+        skipped = source.excluded + skipped  # a reused check already holds them
     if strict and skipped:
         raise PrepError(f"unreadable image {source.root / skipped[0]['path']}: {skipped[0]['error']}"
                         + (f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""))
@@ -324,6 +349,7 @@ def prepare(
         "format": "dali",
         "complete": True,
         "settings": recorded,
+        "source_digest": source.digest,
         "file_root": str(source.root),
         "file_list": paths.file_list.name,
         "class_index": paths.class_index.name,
@@ -335,12 +361,11 @@ def prepare(
         "shards": shards,
         "seconds": round(time.time() - t0, 2),
         "files": file_sizes(outputs, paths.folder),
+        "sha256": file_digests(outputs, paths.folder),
         **provenance(),
     }
-    write_json_atomic(paths.sidecar, meta)
     log.info("wrote %s (%d images, %d skipped, %.1f s)", paths.file_list, len(readable), len(skipped), meta["seconds"])
     if verify:
-        from data_prep.dali_verify import verify_outputs
-
-        verify_outputs(paths)
+        _verify(paths, meta)
+    write_json_atomic(paths.sidecar, meta)
     return paths

@@ -8,11 +8,10 @@ the same labels and image sizes as the file list.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from data_prep.outputs import read_json
 from data_prep.sources import PrepError
 
 if TYPE_CHECKING:  # for the annotation only; dali_prep imports this module
@@ -45,13 +44,11 @@ def _read_all(make_reader, n: int) -> tuple[list[tuple[int, ...]], list[np.ndarr
     return shapes[:n], others[:n]
 
 
-def verify_outputs(paths: DALIPaths) -> None:
-    """Reads the outputs named by ``paths`` back with DALI; raises PrepError at the first mismatch."""
+def verify_outputs(paths: DALIPaths, meta: dict[str, Any]) -> None:
+    """Reads the outputs named by ``paths`` back with DALI, as ``meta`` (the sidecar's record, written
+    after this passes) describes them; raises PrepError at the first mismatch."""
     from nvidia.dali import fn
 
-    meta = read_json(paths.sidecar)
-    if not meta or not meta.get("complete"):
-        raise PrepError(f"{paths.sidecar} is missing or incomplete; run the conversion first")
     root = meta["file_root"]
     lines = paths.file_list.read_text(encoding="utf-8").splitlines()
     labels = np.asarray([int(line.rsplit(" ", 1)[1]) for line in lines])

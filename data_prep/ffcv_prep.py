@@ -24,7 +24,9 @@ import numpy as np
 
 from data_prep.ffcv_read import stored_modes, verify_beton
 from data_prep.images import probe_all, read_rgb
-from data_prep.outputs import file_sizes, is_done, provenance, tmp_name, write_json_atomic
+from data_prep.ffcv_write import write_beton
+from data_prep.outputs import (check_digests, check_writable, file_digests, file_sizes, is_done, provenance, read_json,
+                               remove_dead_tmp, tmp_name, write_json_atomic)
 from data_prep.sources import PrepError, Source, resolve, subset_indices
 
 log = logging.getLogger("data_prep")
@@ -123,6 +125,21 @@ def _extension_matches(name: str, fmt: str | None) -> bool:
     return {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "tif": "TIFF", "tiff": "TIFF"}.get(ext, fmt) == fmt
 
 
+def _readable(source: Source, skipped: list[dict]) -> Source:
+    """``source`` without the images an earlier run recorded as skipped."""
+    bad = {s["path"] for s in skipped}
+    return source.take(np.asarray([i for i, f in enumerate(source.files) if f not in bad], dtype=np.int64))
+
+
+def _verify(beton: Path, sidecar: Path, source: Source, settings: FFCVSettings) -> None:
+    """``verify_beton``; a failure removes the sidecar, so the output no longer counts as done."""
+    try:
+        verify_beton(beton, source, settings.jpeg_quality)
+    except PrepError:
+        sidecar.unlink(missing_ok=True)
+        raise
+
+
 def convert(
     src: str | os.PathLike,
     out: str | os.PathLike,
@@ -132,28 +149,41 @@ def convert(
     strict: bool = False,
     verify: bool = False,
 ) -> Path:
-    """Write the ``.beton`` for ``settings`` (skipped when a complete one exists); returns its path."""
+    """Write the ``.beton`` for ``settings`` (skipped when a complete one made from the source as it is
+    now exists; with ``verify`` that one is checked again); returns its path. The sidecar is written
+    last, after the verification passed."""
+    beton, sidecar = output_paths(out, settings)
+    check_writable(beton.parent, files=(beton, sidecar))
     try:
         from ffcv.fields import IntField, RGBImageField
-        from ffcv.writer import DatasetWriter
     except ImportError as e:
         raise PrepError(f"FFCV is not installed ({e}); run: bash scripts/install_extras.sh") from e
     workers = workers or os.cpu_count() or 1
-    beton, sidecar = output_paths(out, settings)
     source = resolve(src, settings.split)
     recorded = {**asdict(settings), "source": str(source.root)}
-    if is_done(sidecar, recorded):
-        log.info("skipped: %s already holds these settings (delete it to rebuild)", beton)
-        return beton
-    beton.parent.mkdir(parents=True, exist_ok=True)
-    sidecar.unlink(missing_ok=True)  # an older file of this name is about to be replaced
-    t0 = time.time()
     if settings.subset:
         source = source.take(subset_indices(len(source), settings.subset, settings.seed))
-    skipped: list[dict] = []
+    if is_done(sidecar, recorded, source.digest):
+        if not verify:
+            log.info("skipped: %s already holds these settings (delete it to rebuild)", beton)
+            return beton
+        log.info("%s already holds these settings; verifying it", beton)
+        try:
+            check_digests(sidecar)
+        except PrepError:
+            sidecar.unlink(missing_ok=True)
+            raise
+        _verify(beton, sidecar, _readable(source, (read_json(sidecar) or {}).get("skipped", [])), settings)
+        return beton
+    beton.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_tmp(beton.parent)
+    sidecar.unlink(missing_ok=True)  # an older file of this name is about to be replaced
+    t0 = time.time()
+    skipped: list[dict] = list(source.excluded)
     converted: list[dict] = []
     if source.kind == "folder":
-        good, skipped, converted = _check_images(source, workers, strict)
+        good, bad, converted = _check_images(source, workers, strict)
+        skipped += bad
         source = source.take(good)
     if len(source) == 0:
         raise PrepError(f"no readable images in {source.root}")
@@ -172,9 +202,8 @@ def convert(
     }
     try:
         log.info("writing %d images to %s", len(source), beton)
-        DatasetWriter(str(tmp), fields, num_workers=workers).from_indexed_dataset(
-            _WriterDataset(source, failures), chunksize=max(1, min(100, len(source) // (4 * workers)))
-        )
+        write_beton(tmp, fields, _WriterDataset(source, failures), workers,
+                    chunksize=max(1, min(100, len(source) // (4 * workers))))
         if failures.exists():
             raise PrepError(f"images changed on disk while converting; run again. {failures.read_text()[:2000]}")
         stored = stored_modes(tmp)
@@ -188,18 +217,20 @@ def convert(
         "complete": True,
         "settings": recorded,
         "source_kind": source.kind,
+        "source_digest": source.digest,
         "num_samples": len(source),
         "classes": source.classes,
         "counts_per_class": source.counts_per_class(),
         "stored": stored,
-        "skipped": skipped,
+        "skipped": skipped,  # unreadable, not regular files, second links to a file or folder
         "converted": converted,  # not RGB, or not the format the extension says; stored as RGB
         "seconds": round(time.time() - t0, 2),
         "files": file_sizes([beton], beton.parent),
+        "sha256": file_digests([beton], beton.parent),
         **provenance(),
     }
-    write_json_atomic(sidecar, meta)
     log.info("wrote %s (%d images, %d skipped, %.1f s)", beton, len(source), len(skipped), meta["seconds"])
     if verify:
-        verify_beton(beton, source)
+        _verify(beton, sidecar, source, settings)
+    write_json_atomic(sidecar, meta)
     return beton

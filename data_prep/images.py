@@ -11,6 +11,7 @@ import contextlib
 import io
 import multiprocessing as mp
 import os
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+
+from data_prep.processes import worker_init
 
 
 @dataclass(frozen=True)
@@ -44,8 +47,13 @@ class Probe:
 
 
 def probe(path: str | os.PathLike) -> Probe:
-    """Decode ``path`` fully and report its format, mode and size, or the error; never raises."""
+    """Decode ``path`` fully and report its format, mode and size, or the error; never raises.
+
+    Only a regular file is opened: reading a FIFO would wait forever for a writer.
+    """
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return Probe("not a regular file (FIFO, socket or device); never opened")
         with Image.open(path) as im:
             fmt, mode, (w, h) = im.format, im.mode, im.size
             if fmt == "JPEG":
@@ -60,7 +68,12 @@ def probe(path: str | os.PathLike) -> Probe:
 
 def read_rgb(path: str | os.PathLike) -> np.ndarray:
     """The image at ``path`` as a C-contiguous uint8 (H, W, 3) RGB array (grayscale, CMYK, palette
-    and alpha images converted by PIL)."""
+    and alpha images converted by PIL).
+
+    The one rule for transparency, in the writers, the verifiers and advft's folder loader alike:
+    PIL's ``convert("RGB")``, which drops the alpha channel (no blending onto a background), as
+    torchvision's loader and DALI's and FFCV's decoders do.
+    """
     with Image.open(path) as im:
         return np.array(im.convert("RGB"), dtype=np.uint8)  # a writable, contiguous copy
 
@@ -78,7 +91,7 @@ def probe_all(root: Path, files: list[str], workers: int, desc: str = "checking 
     parallel = workers > 1 and len(paths) >= 64  # below that, starting processes costs more than it saves
     chunks = max(1, min(64, len(paths) // (4 * max(1, workers))))
     out: list[Probe] = []
-    pool_or_none = mp.get_context("fork").Pool(workers) if parallel else contextlib.nullcontext()
+    pool_or_none = mp.get_context("fork").Pool(workers, worker_init) if parallel else contextlib.nullcontext()
     with tqdm(total=len(paths), desc=desc, unit="img", mininterval=1.0) as bar, pool_or_none as pool:
         results: Iterable[Probe] = pool.imap(probe, paths, chunksize=chunks) if parallel else map(probe, paths)
         for r in results:

@@ -8,12 +8,24 @@ Layouts accepted (SRC is the command-line argument):
 
 Labels are the positions of the class folders in sorted order, as torchvision's ImageFolder assigns
 them, so a converted dataset has the same labels as the built-in folder loader.
+
+Links: symbolic links are followed (a class folder or an image may be a link, as in subsets built
+from links into a full copy), but every real folder is read once and every real file counted once:
+a link back up the tree, or a second link to a folder or file already read, is skipped and recorded
+in ``Source.excluded``. Only regular files are images: a FIFO, socket or device named ``x.jpg`` and
+a dangling link are never opened, only recorded there, like unreadable images.
+
+``Source.digest`` fingerprints the source as it is now (for folders every listed and excluded path
+with its size and mtime; for CIFAR-10 its batch files): an output records it, and a rerun whose
+source changed rebuilds instead of trusting the old output.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-from dataclasses import dataclass
+import stat
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +55,8 @@ class Source:
     labels: np.ndarray
     files: list[str]
     arrays: np.ndarray | None = None
+    excluded: list[dict[str, str]] = field(default_factory=list)  # [{path, error}]: never opened
+    digest: str = ""
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -67,6 +81,8 @@ class Source:
             labels=self.labels[indices],
             files=[self.files[i] for i in indices] if self.files else [],
             arrays=None if self.arrays is None else self.arrays[indices],
+            excluded=self.excluded,
+            digest=self.digest,
         )
 
 
@@ -81,27 +97,91 @@ def _class_dirs(folder: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
 
 
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
 def _has_images(folder: Path) -> bool:
-    return any(e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS) for e in os.scandir(folder))
+    return any(e.is_file() and _is_image_name(e.name) for e in os.scandir(folder))
+
+
+def _file_id(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+class _Scan:
+    """One pass over the class folders of a split; see the module docstring for links and special files."""
+
+    def __init__(self, split_dir: Path, classes: list[str]) -> None:
+        self.split_dir = split_dir
+        # Each class root belongs to its class: a link into another class is not read twice.
+        self.seen_dirs = {_file_id(os.stat(split_dir)): "the split folder",
+                          **{_file_id(os.stat(split_dir / c)): c for c in classes}}
+        self.seen_files: dict[tuple[int, int], str] = {}
+        self.excluded: list[dict[str, str]] = []
+        self.lines: list[str] = []  # what the digest covers
+
+    def _exclude(self, rel: str, why: str) -> None:
+        self.excluded.append({"path": rel, "error": why})
+        self.lines.append(f"x\t{rel}\t{why}")
+
+    def files_of(self, name: str) -> list[str]:
+        found: list[str] = []
+        # Walk below the class folder too: some trees nest images one level deeper.
+        for dirpath, dirnames, filenames in os.walk(self.split_dir / name, followlinks=True):
+            rel = Path(dirpath).relative_to(self.split_dir).as_posix()
+            keep = []
+            for d in sorted(dirnames):
+                try:
+                    st = os.stat(os.path.join(dirpath, d))
+                except OSError:
+                    continue  # vanished since the listing
+                first = self.seen_dirs.setdefault(_file_id(st), f"{rel}/{d}")
+                if first == f"{rel}/{d}":
+                    keep.append(d)
+                elif not d.startswith("."):
+                    self._exclude(f"{rel}/{d}", f"folder already read as {first} (a link); read once")
+            dirnames[:] = keep
+            for f in sorted(filenames):
+                if _is_image_name(f):
+                    found += self._regular_file(f"{rel}/{f}")
+        return found
+
+    def _regular_file(self, rel: str) -> list[str]:
+        try:
+            st = os.stat(self.split_dir / rel)
+        except OSError as e:
+            self._exclude(rel, f"cannot be read: {e.strerror} (a dangling link?)")
+            return []
+        if not stat.S_ISREG(st.st_mode):
+            self._exclude(rel, "not a regular file (FIFO, socket or device); never opened")
+            return []
+        first = self.seen_files.setdefault(_file_id(st), rel)
+        if first != rel:
+            self._exclude(rel, f"same file as {first} (a link); counted once")
+            return []
+        self.lines.append(f"f\t{rel}\t{st.st_size}\t{st.st_mtime_ns}")
+        return [rel]
 
 
 def _scan_folder(split_dir: Path, split: str) -> Source:
     classes = _class_dirs(split_dir)
+    scan = _Scan(split_dir, classes)
     files: list[str] = []
     labels: list[int] = []
     for label, name in enumerate(classes):
-        found: list[str] = []
-        # Walk below the class folder too: some trees nest images one level deeper.
-        for dirpath, dirnames, filenames in os.walk(split_dir / name, followlinks=True):
-            dirnames.sort()
-            rel = Path(dirpath).relative_to(split_dir).as_posix()
-            found += [f"{rel}/{f}" for f in sorted(filenames)
-                      if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")]
+        found = scan.files_of(name)
         files += found
         labels += [label] * len(found)
     if not files:
         raise PrepError(f"no images under {split_dir}/<class>/ (extensions {', '.join(IMAGE_EXTENSIONS)})")
-    return Source("folder", split_dir, split, classes, np.asarray(labels, dtype=np.int64), files)
+    digest = _digest([f"c\t{c}" for c in classes] + scan.lines)
+    return Source("folder", split_dir, split, classes, np.asarray(labels, dtype=np.int64), files,
+                  excluded=scan.excluded, digest=digest)
+
+
+def _digest(lines: list[str]) -> str:
+    return hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _load_cifar(folder: Path, split: str) -> Source:
@@ -114,7 +194,10 @@ def _load_cifar(folder: Path, split: str) -> Source:
         ds = CIFAR10(folder, split)
     except DataError as e:
         raise PrepError(str(e)) from e
-    return Source("cifar10", folder, split, list(ds.classes), ds.labels.astype(np.int64), [], ds.images)
+    stats = [(f.name, f.stat()) for f in sorted(folder.iterdir()) if f.is_file()]
+    digest = _digest([f"{name}\t{st.st_size}\t{st.st_mtime_ns}" for name, st in stats])
+    return Source("cifar10", folder, split, list(ds.classes), ds.labels.astype(np.int64), [], ds.images,
+                  digest=digest)
 
 
 def resolve(src: str | os.PathLike, split: str) -> Source:

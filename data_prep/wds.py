@@ -11,6 +11,7 @@ We know the offsets while writing, so the index is written alongside the tar and
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import tarfile
@@ -58,14 +59,17 @@ class ShardWriter:
 
     def close(self) -> None:
         self._tar.close()
-        idx_tmp = tmp_name(self.idx_path)
-        idx_tmp.write_text(f"{INDEX_VERSION} {len(self._lines)}\n" + "".join(line + "\n" for line in self._lines))
+        tmp_name(self.idx_path).write_text(f"{INDEX_VERSION} {len(self._lines)}\n"
+                                           + "".join(line + "\n" for line in self._lines))
         os.replace(self._tmp, self.tar_path)
-        os.replace(idx_tmp, self.idx_path)
+        os.replace(tmp_name(self.idx_path), self.idx_path)
 
     def abort(self) -> None:
-        self._tar.close()
+        """Removes the temporary files; closing may fail again (a full disk), which changes nothing here."""
+        with contextlib.suppress(OSError):
+            self._tar.close()
         self._tmp.unlink(missing_ok=True)
+        tmp_name(self.idx_path).unlink(missing_ok=True)
 
 
 def shard_names(n: int) -> list[str]:
