@@ -2,29 +2,28 @@
 
 FFCV's writer forks worker processes and waits in a loop until they have written every sample; a
 worker that fails (a full disk, an I/O error) leaves it waiting forever, and its shared memory and
-workers outlive an interrupted parent. Here its loop runs in a thread while the main thread waits
-for the outcome, so a worker's error or a signal (``processes.Interrupted``) reaches the main thread
-at once; it then stops the workers and frees the shared memory, and the caller removes the file.
+workers outlive an interrupted parent. Here each worker reports its error, a watcher thread turns the
+report into an interrupt of the main thread (as a signal, ``processes.Interrupted``, does), and the
+main thread then stops the workers and frees the shared memory; the caller removes the file.
 """
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import multiprocessing as mp
 import queue
 import sys
 import threading
-import time
 from functools import partial
 from multiprocessing import shared_memory
 from pathlib import Path
 from typing import Any
 
-from data_prep.processes import worker_init
+from tqdm import tqdm
+
+from data_prep.processes import Interrupted, worker_init
 from data_prep.sources import PrepError
-
-_DONE = "done"
-
 
 class WriteError(PrepError):
     """Writing the output failed for a reason other than the file system's (reported as OSError)."""
@@ -60,48 +59,45 @@ def write_beton(tmp: Path, fields: dict[str, Any], dataset: Any, workers: int, c
     from ffcv.writer import DatasetWriter
 
     ctx = mp.get_context()  # the context FFCV's writer creates its processes with
-    errors, stop = ctx.Queue(), ctx.Event()
+    errors, stop, finished = ctx.Queue(), ctx.Event(), threading.Event()
     writer = DatasetWriter(str(tmp), fields, num_workers=workers)
     todo = list(enumerate(range(len(dataset))))
+    failure: list[tuple[int | None, str]] = []
 
-    def run() -> None:
-        try:
-            # from_indexed_dataset's own call, with the guarded worker function.
-            writer._write_common(len(todo), chunks(todo, chunksize), partial(_guarded_worker, errors, stop),
-                                 (dataset,))
-            errors.put(_DONE)
-        except BaseException as e:  # noqa: BLE001 - reported to the main thread
-            errors.put(_describe(e))
-
-    thread = threading.Thread(target=run, name="ffcv-writer", daemon=True)
-    thread.start()
-    try:
-        while True:
+    def watch() -> None:
+        # FFCV's loop runs in the main thread (forking from another thread is unsafe with numba's TBB);
+        # a worker's error interrupts it like a Ctrl-C would.
+        while not finished.is_set():
             try:
-                outcome = errors.get(timeout=0.2)
+                failure.append(errors.get(timeout=0.2))
             except queue.Empty:
                 continue
-            if outcome == _DONE:
-                break
-            code, text = outcome
-            if code is not None:
-                raise OSError(code, text, str(tmp))
-            raise WriteError(f"FFCV's writer failed on {tmp}: {text}")
+            _thread.interrupt_main()
+            return
+
+    watcher = threading.Thread(target=watch, name="ffcv-writer-watch", daemon=True)
+    watcher.start()
+    try:
+        # from_indexed_dataset's own call, with the guarded worker function.
+        writer._write_common(len(todo), chunks(todo, chunksize), partial(_guarded_worker, errors, stop), (dataset,))
+    except (Interrupted, KeyboardInterrupt):  # KeyboardInterrupt: called outside stop_on_signals
+        _stop(writer, stop)
+        if not failure:
+            raise
+        code, text = failure[0]
+        if code is not None:
+            raise OSError(code, text, str(tmp)) from None
+        raise WriteError(f"FFCV's writer failed on {tmp}: {text}") from None
     except BaseException:
-        _stop(writer, thread, stop)
+        _stop(writer, stop)
         raise
-    thread.join()
+    finally:
+        finished.set()
 
 
-def _stop(writer: Any, thread: threading.Thread, stop: Any) -> None:
-    """Kills the writer's workers (now and any it still starts) and frees its shared memory."""
+def _stop(writer: Any, stop: Any) -> None:
+    """Kills the writer's workers, frees its shared memory and ends its progress bar's line."""
     stop.set()
-    # The shared memory is made at the start of the writer's thread; wait for it or the thread's end.
-    deadline = time.monotonic() + 10
-    while thread.is_alive() and not isinstance(getattr(writer, "metadata_sm", None), shared_memory.SharedMemory):
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.01)
     children = mp.active_children()
     for p in children:
         p.kill()
@@ -112,3 +108,5 @@ def _stop(writer: Any, thread: threading.Thread, stop: Any) -> None:
         sm.close()
         with contextlib.suppress(FileNotFoundError):  # already freed by a writer that got that far
             sm.unlink()
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
