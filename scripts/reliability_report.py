@@ -6,7 +6,7 @@
     python scripts/reliability_report.py --no-run --results R.jsonl --junit J.xml   # re-render only
 
 The suite is ``tests/faults/`` (requeue signals, SIGKILL, damaged checkpoints, NaN, full disk, concurrent
-sweeps), ``tests/test_bad_input.py`` and ``tests/test_security.py``. Each trial appends one JSON record to
+sweeps, data_prep writer faults), ``tests/test_bad_input.py`` and ``tests/test_security.py``. Each trial appends one JSON record to
 ``$ADVFT_RELIABILITY_OUT`` (tests/faults/record.py): fault, trial, what happened, whether nothing was lost,
 detail. This script sets that variable to a fresh file, runs pytest with a JUnit report next to it, and
 renders both: the summary (``--out``: one row per fault, trials, outcome, "lost: nothing" or what was lost,
@@ -53,6 +53,9 @@ CHECKS = {
                  "bit-identical",
     "two sweeps at once on one runs folder": "the lock serialises submission: each run submitted and started once, "
                                              "sweep.json and every checkpoint valid, results bit-identical",
+    "data_prep writer fault": "SIGINT/SIGTERM/SIGKILL while an FFCV worker writes (held there), a full disk under "
+                              "ffcv and dali: one line and exit 130/143/4 (SIGKILL: -9), no process of the command "
+                              "left, shared memory freed, no temporary file (after SIGKILL: removed by the next run)",
     "security": "checkpoints only via weights_only=True; malicious pickles refused without running; no planted "
                 "secret in any file or log; hostile names refused",
 }

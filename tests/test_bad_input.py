@@ -141,6 +141,14 @@ CASES: dict[str, Case] = {
     "prep source is a file": c(prep("dali", "{files}/garbage.pt", "{out}"), "garbage.pt is not a folder"),
     "prep unknown split": c(prep("dali", "{img}", "{out}", "--split", "nope"), "expected ", "/nope/<class>/<image>"),
     "prep output is a file": c(prep("dali", "{img}", "{files}/garbage.pt"), "garbage.pt exists and is not a folder"),
+    "prep output under /proc": c(prep("dali", "{img}", "/proc/advft-prep-out"),
+                                 "cannot write to the output folder /proc/advft-prep-out"),
+    "prep output's parent is a file": c(prep("dali", "{img}", "{files}/garbage.pt/out"),
+                                        "garbage.pt is a file, not a folder"),
+    "prep .beton is an existing folder": c(prep("ffcv", "{img}", "{files}/folder.beton"),
+                                           "folder.beton is an existing folder"),
+    "prep DALI list is an existing folder": c(prep("dali", "{img}", "{files}/dali-out"),
+                                              "train.txt is an existing folder"),
     "prep negative workers": c(prep("dali", "{img}", "{out}", "--workers", "-3"), "--workers must be >= 0"),
     "prep workers not a number": c(prep("ffcv", "{img}", "{out}", "--workers", "x"),
                                    "--workers: invalid int value: 'x'"),
@@ -166,6 +174,8 @@ def files(tmp_path_factory, base_encoder) -> dict[str, str]:
     f = d / "files"
     f.mkdir()
     (f / "job-dir").mkdir()
+    (f / "folder.beton").mkdir()
+    (f / "dali-out" / "train.txt").mkdir(parents=True)
     (f / "latin1.toml").write_bytes("[run]\nname = 'caf\u00e9'\n".encode("latin-1"))
     (f / "broken.toml").write_text("[run\nname = 1\n")
     (f / "unknown_section.toml").write_text("[optimizer]\nlr = 1e-3\n")
