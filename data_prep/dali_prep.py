@@ -209,13 +209,16 @@ def _write_shards(paths: DALIPaths, checked: _Checked, settings: DALISettings, w
     kept = shard_range[1] - shard_range[0] - len(tasks)
     log.info("writing %d shards to %s (%d of shards %d..%d already complete)", len(tasks), paths.shard_dir,
              kept, shard_range[0], shard_range[1] - 1)
-    if workers > 1 and len(tasks) > 1:
-        with mp.get_context("fork").Pool(min(workers, len(tasks)), worker_init) as pool:
-            for _ in pool.imap_unordered(_write_shard, tasks):
-                pass
-    else:
-        for t in tasks:
-            _write_shard(t)
+    try:
+        if workers > 1 and len(tasks) > 1:
+            with mp.get_context("fork").Pool(min(workers, len(tasks)), worker_init) as pool:
+                for _ in pool.imap_unordered(_write_shard, tasks):
+                    pass
+        else:
+            for t in tasks:
+                _write_shard(t)
+    finally:
+        remove_dead_tmp(paths.shard_dir)  # of workers stopped mid-shard (a stopped pool ends them with SIGTERM)
     root = checked.source.root
     return {
         "dir": paths.shard_dir.name,
@@ -300,6 +303,7 @@ def prepare(
         _verify(paths, read_json(paths.sidecar) or {})
         return paths
     remove_dead_tmp(paths.folder)
+    remove_dead_tmp(paths.shard_dir)
     t0 = time.time()
     checked = _earlier_check(paths, source)
     if shard_range is not None:

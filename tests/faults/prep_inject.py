@@ -4,7 +4,8 @@
     python tests/faults/prep_inject.py --hold-at K --marker FILE -- ARGS
 
 ARGS are ``python -m data_prep``'s own arguments. The FFCV writer's read of sample K (in one of its worker
-processes) writes FILE and then waits forever: the writer has started (its temporary ``.beton`` exists,
+processes), or under ``dali`` the shard writer's addition of the sample with key K, writes FILE and then
+waits forever. Under ``ffcv``: the writer has started (its temporary ``.beton`` exists,
 its workers and shared memory are live), and the test sends its signal at that moment, never after a sleep.
 The name of the writer's shared memory goes to FILE.shm, so the test can check that it is freed.
 The hold is armed by patching this process only, so data_prep carries no test hooks.
@@ -27,26 +28,44 @@ def main() -> int:
     p.add_argument("args", nargs=argparse.REMAINDER)
     a = p.parse_args()
     sys.path.insert(0, str(ROOT))
-    import data_prep.ffcv_prep as F
+    args = a.args[1:] if a.args[:1] == ["--"] else a.args
+
+    def hold() -> None:
+        Path(a.marker).write_text(f"{os.getpid()}\n")
+        while True:
+            time.sleep(3600)
+
+    if args[:1] == ["ffcv"]:
+        import data_prep.ffcv_prep as F
+        from ffcv.writer import DatasetWriter
+
+        read, prepare = F._WriterDataset.__getitem__, DatasetWriter.prepare
+
+        def held(self, i: int):
+            if i == a.hold_at:
+                hold()
+            return read(self, i)
+
+        def prepare_and_tell(self) -> None:
+            prepare(self)
+            Path(a.marker + ".shm").write_text(self.metadata_sm.name + "\n")
+
+        F._WriterDataset.__getitem__ = held
+        DatasetWriter.prepare = prepare_and_tell
+    else:
+        import data_prep.wds as W
+
+        add = W.ShardWriter.add
+
+        def held_add(self, key: str, components: dict) -> None:
+            if int(key) == a.hold_at:
+                hold()
+            add(self, key, components)
+
+        W.ShardWriter.add = held_add
     from data_prep.__main__ import main as prep
-    from ffcv.writer import DatasetWriter
 
-    read, prepare = F._WriterDataset.__getitem__, DatasetWriter.prepare
-
-    def prepare_and_tell(self) -> None:
-        prepare(self)
-        Path(a.marker + ".shm").write_text(self.metadata_sm.name + "\n")
-
-    def held(self, i: int):
-        if i == a.hold_at:
-            Path(a.marker).write_text(f"{os.getpid()}\n")
-            while True:
-                time.sleep(3600)
-        return read(self, i)
-
-    F._WriterDataset.__getitem__ = held
-    DatasetWriter.prepare = prepare_and_tell
-    return prep(a.args[1:] if a.args[:1] == ["--"] else a.args)
+    return prep(args)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
-"""Faults while ``python -m data_prep`` writes: Ctrl-C, SIGTERM and SIGKILL of the FFCV writer, and a full disk
-under ``ffcv`` and ``dali``. Each ends with one line and a non-zero exit, no process of the command left,
+"""Faults while ``python -m data_prep`` writes: Ctrl-C, SIGTERM and SIGKILL of the FFCV writer, Ctrl-C and
+SIGKILL of the DALI shard writers, and a full disk under ``ffcv`` and ``dali``. Each ends with one line and a non-zero exit, no process of the command left,
 no shared memory left, and no temporary file (after SIGKILL: removed by the next run, which then finishes).
 
 Signals are sent when the writer demonstrably writes: ``prep_inject.py`` holds one worker inside sample K
-and reports it; a full disk is a small tmpfs mounted for the test (root only; skipped elsewhere).
+(FFCV) or inside a shard (DALI) and reports it; a full disk is a small tmpfs mounted for the test (root only; skipped elsewhere).
 """
 from __future__ import annotations
 
@@ -141,6 +141,49 @@ def test_ffcv_writer_stopped_mid_write(need_ffcv, tmp_path, how) -> None:
         assert rc == expected_rc, (rc, err[-3000:])
         assert one_line, err[-3000:]
         assert left is True and shm_gone and tmp_ok
+    finally:
+        _finish(proc)
+
+
+@pytest.mark.dali
+@pytest.mark.parametrize("how", ["SIGINT to the process group (Ctrl-C)", "SIGKILL"])
+def test_dali_shard_writers_stopped_mid_shard(need_dali, tmp_path, how) -> None:
+    src, out = _source(tmp_path / "src", 12, (30, 40)), tmp_path / "out"
+    marker = tmp_path / "held"
+    args = ["dali", str(src), str(out), "--shards", "4", "--workers", "2"]
+    proc = _start([INJECT, "--hold-at", "5", "--marker", str(marker), "--", *args], tmp_path / "logs")
+    try:
+        H.wait_for(marker.exists, "a shard writer inside sample 5")
+        tmp = _tmp_files(out)
+        assert tmp, "the held shard's temporary tar"
+        if how.startswith("SIGINT"):
+            os.killpg(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGKILL)
+        try:
+            rc = proc.wait(timeout=120)  # a safety net against a hang
+        except subprocess.TimeoutExpired:
+            rc = None
+        left = H.wait_for(lambda: not _group(proc.pid) or None, "the command's processes to end", timeout_s=60) \
+            if rc is not None else None
+        err = (tmp_path / "logs" / "stderr.txt").read_text()
+        if how == "SIGKILL":
+            expected_rc, one_line = -9, True
+            left_tmp = _tmp_files(out)
+            rerun = subprocess.run([sys.executable, "-m", "data_prep", *args], cwd=H.ROOT, env=H.child_env(),
+                                   capture_output=True, text=True, timeout=600)
+            tmp_ok = bool(left_tmp) and rerun.returncode == 0 and not _tmp_files(out) and (out / "train.json").is_file()
+        else:
+            expected_rc = 130
+            one_line = len(_error_lines(err)) == 1 and "Traceback" not in err
+            tmp_ok = not _tmp_files(out) and not (out / "train.json").exists()
+        ok = rc == expected_rc and one_line and left is True and tmp_ok
+        record(FAULT, f"dali: {how} while a shard is written", f"exit {rc}: " + (_error_lines(err) or ["-"])[-1],
+               ok, f"no process left: {left is True}; temporary files "
+                   f"{'removed by the next run' if how == 'SIGKILL' else 'removed'}: {tmp_ok}")
+        assert rc == expected_rc, (rc, err[-3000:])
+        assert one_line, err[-3000:]
+        assert left is True and tmp_ok
     finally:
         _finish(proc)
 
