@@ -6,6 +6,11 @@ Examples
     python -m data_prep dali /data/imagenet /data/dali --split train --shards 1024 --verify
     python -m data_prep dali /data/imagenet /data/dali --shards 1024 --shard-range 0:64   # one slice, after the list
 
+Sources: symbolic links are followed (as torchvision's ImageFolder does), but each real folder and
+file is read once, so a link loop cannot multiply the data; only regular files are opened (a FIFO,
+socket or device named like an image is listed as skipped, with unreadable images). An output is
+kept on a rerun only if it was made with the same settings from the source as it is now.
+
 Exit status (every failure is one line on stderr, and leaves no temporary file, worker process or
 shared memory behind):
     0    success, also when the output already existed (with --verify: and was read back again)

@@ -75,9 +75,9 @@ class FFCVSettings:
 class _WriterDataset:
     """What FFCV's writer indexes: ``ds[i] = (uint8 (H, W, 3) RGB array, int label)``.
 
-    It runs inside FFCV's writer processes, where an exception does not fail the writer but leaves
-    it waiting forever. So a file that passed the check and fails now (changed on disk meanwhile)
-    is recorded in ``failures`` and stored as one black pixel; ``convert`` then discards the output.
+    It runs inside FFCV's writer processes. A file that passed the check and fails now (changed on
+    disk meanwhile) is recorded in ``failures`` and stored as one black pixel, so the write goes on
+    and the error names every such file; ``convert`` then discards the output.
     """
 
     def __init__(self, source: Source, failures: Path) -> None:

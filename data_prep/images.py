@@ -1,8 +1,7 @@
 """Reading source images as RGB, and checking all of them before anything is written.
 
-Every image is decoded once by ``probe`` before conversion. The writers need the final sample count
-up front (a ``.beton`` header, a shard index), and an exception inside FFCV's writer processes
-would hang the writer instead of failing it, so unreadable files must be known before writing.
+Every image is decoded once by ``probe`` before conversion: the writers need the final sample count
+up front (a ``.beton`` header, a shard index), so unreadable files must be known before writing.
 """
 
 from __future__ import annotations
