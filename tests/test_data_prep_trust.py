@@ -129,6 +129,7 @@ def test_ffcv_changed_source_rebuilds(need_ffcv, tmp_path) -> None:
     assert _meta(sidecar)["sha256"] != before
 
 
+@pytest.mark.dali
 def test_dali_changed_source_rebuilds_and_damaged_list_fails_verify(tmp_path, need_dali, capsys) -> None:
     src, out = _tree(tmp_path / "src"), tmp_path / "out"
     assert main(["dali", str(src), str(out), "--workers", "1"]) == 0
