@@ -2,17 +2,22 @@
 """``python -m data_prep`` with the FFCV writer held mid-write, for THIS process only: the fault suite's driver.
 
     python tests/faults/prep_inject.py --hold-at K --marker FILE -- ARGS
+    python tests/faults/prep_inject.py --enospc -- ARGS
 
 ARGS are ``python -m data_prep``'s own arguments. The FFCV writer's read of sample K (in one of its worker
 processes), or under ``dali`` the shard writer's addition of the sample with key K, writes FILE and then
 waits forever. Under ``ffcv``: the writer has started (its temporary ``.beton`` exists,
 its workers and shared memory are live), and the test sends its signal at that moment, never after a sleep.
 The name of the writer's shared memory goes to FILE.shm, so the test can check that it is freed.
-The hold is armed by patching this process only, so data_prep carries no test hooks.
+With ``--enospc`` the writing fails instead as on a full disk, where no small file system can be mounted:
+FFCV's first page write (in a worker) or, under ``dali``, the first sample added to a shard raises ENOSPC.
+Each fault is armed by patching this process only (workers are forked from it), so data_prep carries no
+test hooks.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 import time
@@ -21,10 +26,32 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def _arm_enospc(command: str) -> None:
+    def full(*_args, **_kwargs) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if command == "ffcv":
+        from ffcv.memory_allocator import MemoryAllocator
+
+        flush = MemoryAllocator.flush_page
+
+        def flush_or_fail(self) -> None:
+            if self.my_page >= 0:  # a page with data: the first write that needs room
+                full()
+            flush(self)
+
+        MemoryAllocator.flush_page = flush_or_fail
+    else:
+        import data_prep.wds as W
+
+        W.ShardWriter.add = full
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--hold-at", type=int, required=True)
-    p.add_argument("--marker", required=True)
+    p.add_argument("--hold-at", type=int, default=-1)
+    p.add_argument("--marker", default="")
+    p.add_argument("--enospc", action="store_true")
     p.add_argument("args", nargs=argparse.REMAINDER)
     a = p.parse_args()
     sys.path.insert(0, str(ROOT))
@@ -35,7 +62,9 @@ def main() -> int:
         while True:
             time.sleep(3600)
 
-    if args[:1] == ["ffcv"]:
+    if a.enospc:
+        _arm_enospc(args[0])
+    elif args[:1] == ["ffcv"]:
         import data_prep.ffcv_prep as F
         from ffcv.writer import DatasetWriter
 

@@ -3,7 +3,8 @@ SIGKILL of the DALI shard writers, and a full disk under ``ffcv`` and ``dali``. 
 no shared memory left, and no temporary file (after SIGKILL: removed by the next run, which then finishes).
 
 Signals are sent when the writer demonstrably writes: ``prep_inject.py`` holds one worker inside sample K
-(FFCV) or inside a shard (DALI) and reports it; a full disk is a small tmpfs mounted for the test (root only; skipped elsewhere).
+(FFCV) or inside a shard (DALI) and reports it; a full disk is a small tmpfs mounted for the test (root only; skipped elsewhere) and,
+on any machine, an ENOSPC raised where the writers write (``prep_inject.py --enospc``).
 """
 from __future__ import annotations
 
@@ -209,8 +210,8 @@ def tmpfs(tmp_path):
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
 
 
-def _full_disk_trial(trial: str, args: list[str], out: Path, logs: Path) -> None:
-    proc = _start(["-m", "data_prep", *args], logs)
+def _full_disk_trial(trial: str, args: list[str], out: Path, logs: Path, simulated: bool = False) -> None:
+    proc = _start([INJECT, "--enospc", "--", *args] if simulated else ["-m", "data_prep", *args], logs)
     try:
         try:
             rc = proc.wait(timeout=300)  # a safety net against a hang
@@ -246,3 +247,18 @@ def test_dali_full_disk(need_dali, tmp_path, tmpfs, workers) -> None:
     out = tmpfs("1m") / "out"
     _full_disk_trial(f"dali: disk full while {workers} process(es) write shards",
                      ["dali", str(src), str(out), "--shards", "2", "--workers", str(workers)], out, tmp_path / "logs")
+
+
+@pytest.mark.ffcv
+def test_ffcv_simulated_full_disk(need_ffcv, tmp_path) -> None:
+    src, out = _source(tmp_path / "src", 12, (30, 40)), tmp_path / "out"
+    _full_disk_trial("ffcv: ENOSPC at a worker's first page write (simulated)",
+                     ["ffcv", str(src), str(out), *RAW, "--workers", "2"], out, tmp_path / "logs", simulated=True)
+
+
+@pytest.mark.dali
+def test_dali_simulated_full_disk(need_dali, tmp_path) -> None:
+    src, out = _source(tmp_path / "src", 12, (30, 40)), tmp_path / "out"
+    _full_disk_trial("dali: ENOSPC at the first sample of a shard (simulated)",
+                     ["dali", str(src), str(out), "--shards", "2", "--workers", "2"], out, tmp_path / "logs",
+                     simulated=True)
