@@ -295,11 +295,7 @@ def prepare(
             log.info("skipped: %s already holds these settings (delete %s to rebuild)", paths.folder, paths.sidecar)
             return paths
         log.info("%s already holds these settings; verifying them", paths.folder)
-        try:
-            check_digests(paths.sidecar)
-        except PrepError:
-            paths.sidecar.unlink(missing_ok=True)
-            raise
+        check_digests(paths.sidecar)
         _verify(paths, read_json(paths.sidecar) or {})
         return paths
     remove_dead_tmp(paths.folder)
@@ -323,12 +319,12 @@ def prepare(
         checked = _check(source, workers)
     else:
         log.info("reusing the image check of %s (%d images, the same files)", paths.sidecar, len(checked.source))
-    skipped = checked.skipped
-    if fresh:
-        skipped = source.excluded + skipped  # a reused check already holds them
-    if strict and skipped:
-        raise PrepError(f"unreadable image {source.root / skipped[0]['path']}: {skipped[0]['error']}"
-                        + (f" (and {len(skipped) - 1} more)" if len(skipped) > 1 else ""))
+    skipped = source.excluded + checked.skipped if fresh else checked.skipped  # a reused check holds both
+    excluded = {e["path"] for e in source.excluded}
+    unreadable = [s for s in skipped if s["path"] not in excluded]
+    if strict and unreadable:
+        raise PrepError(f"unreadable image {source.root / unreadable[0]['path']}: {unreadable[0]['error']}"
+                        + (f" (and {len(unreadable) - 1} more)" if len(unreadable) > 1 else ""))
     if not len(checked.source):
         raise PrepError(f"no readable images in {source.root}")
     if settings.shards > len(checked.source):

@@ -168,11 +168,7 @@ def convert(
             log.info("skipped: %s already holds these settings (delete it to rebuild)", beton)
             return beton
         log.info("%s already holds these settings; verifying it", beton)
-        try:
-            check_digests(sidecar)
-        except PrepError:
-            sidecar.unlink(missing_ok=True)
-            raise
+        check_digests(sidecar)
         _verify(beton, sidecar, _readable(source, (read_json(sidecar) or {}).get("skipped", [])), settings)
         return beton
     beton.parent.mkdir(parents=True, exist_ok=True)

@@ -101,15 +101,18 @@ def file_digests(paths: list[Path], base: Path) -> dict[str, str]:
 
 
 def check_digests(sidecar: Path) -> None:
-    """Raises PrepError when a file listed in ``sidecar`` no longer has its recorded SHA-256."""
+    """Raises PrepError when a file listed in ``sidecar`` no longer has its recorded SHA-256, after
+    removing the sidecar (so the output no longer counts as done and the next run rebuilds it)."""
     meta = read_json(sidecar) or {}
     digests: dict[str, str] = meta.get("sha256") or {}
     if not digests:
-        raise PrepError(f"{sidecar} records no checksums; delete it to rebuild the output")
+        sidecar.unlink(missing_ok=True)
+        raise PrepError(f"{sidecar} recorded no checksums (an older data_prep); run again to rebuild the output")
     for rel, digest in digests.items():
         if sha256_of(sidecar.parent / rel) != digest:
+            sidecar.unlink(missing_ok=True)
             raise PrepError(f"{sidecar.parent / rel} differs from the file that was written (SHA-256 in {sidecar}); "
-                            "it was damaged since: delete it to rebuild")
+                            "it was damaged since; run again to rebuild it")
 
 
 def is_done(sidecar: Path, settings: dict[str, Any], source_digest: str) -> bool:
