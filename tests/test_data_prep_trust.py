@@ -288,3 +288,20 @@ def test_rgba_png_reads_the_same_in_dali(need_dali, tmp_path) -> None:
     p.build()
     (out,) = p.run()
     assert np.array_equal(np.asarray(out.at(0)), rgba[..., :3])
+
+
+# ---------------------------------------------------------------- 3. temporary files of dead writers
+
+
+def test_only_temporary_files_of_dead_writers_on_this_host_are_removed(tmp_path) -> None:
+    from data_prep.outputs import remove_dead_tmp, tmp_name
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # reaped: its pid names no process now
+    mine = tmp_name(tmp_path / "a.beton")  # this live process
+    theirs = mine.with_name(mine.name.rsplit("-", 1)[0] + f"-{dead.pid}")
+    other_host = tmp_path / f".a.beton.tmp-otherhost-{dead.pid}"
+    for f in (mine, theirs, other_host):
+        f.write_bytes(b"partial")
+    assert remove_dead_tmp(tmp_path) == [theirs.name]
+    assert mine.exists() and other_host.exists() and not theirs.exists()
