@@ -14,14 +14,16 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import logging
 import os
 import tomllib
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Literal, Mapping
 
 ALIASES = {"alpha": "loss.alpha", "lr": "optim.lr"}
+log = logging.getLogger(__name__)
 CHECKOUT = Path(__file__).resolve().parent.parent  # where jobs/ lives
 
 
@@ -29,15 +31,108 @@ class ConfigError(ValueError):
     """A configuration problem, with a one-line message naming the key or path and what is valid."""
 
 
+def _field_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+class Range:
+    """The valid values of a number field: bounds (inclusive ``ge``/``le``, exclusive ``gt``/``lt``) and why."""
+
+    def __init__(self, ge: float | None = None, gt: float | None = None, le: float | None = None,
+                 lt: float | None = None, why: str = "", prob: bool = False) -> None:
+        self.ge, self.gt, self.le, self.lt, self.why, self.prob = ge, gt, le, lt, why, prob
+
+    def holds(self, v: float) -> bool:
+        return ((self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
+                and (self.le is None or v <= self.le) and (self.lt is None or v < self.lt))
+
+    def text(self, each: bool = False) -> str:
+        lo, hi = (self.ge, "[") if self.gt is None else (self.gt, "(")
+        top, close = (self.le, "]") if self.lt is None else (self.lt, ")")
+        verb = "lie" if each else "be"
+        if top is None:
+            out = f"must {verb} {'>=' if hi == '[' else '>'} {lo}"
+        else:
+            out = f"must {verb} {'a probability ' if self.prob else ''}in {hi}{lo}, {top}{close}"
+        return out + (f" ({self.why})" if self.why else "")
+
+
+def ranged(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+           lt: float | None = None, why: str = "") -> Any:
+    """A dataclass field whose valid range sits next to it; :meth:`Section.check` enforces it."""
+    return field(default=default, metadata={"range": Range(ge, gt, le, lt, why)})
+
+
+def probability(default: float) -> Any:
+    return field(default=default, metadata={"range": Range(ge=0, le=1, prob=True)})
+
+
+class Section:
+    """Base of one config section: choices are ``Literal`` types, ranges are :func:`ranged` fields, and
+    :meth:`check` enforces both (one line naming the key). Checks across fields stay with the config."""
+
+    def check(self, section: str) -> None:
+        for f in fields(self):  # type: ignore[arg-type]
+            key, value, typ = f"{section}.{f.name}", getattr(self, f.name), _field_type(type(self), f.name)
+            if typing.get_origin(typ) is Literal and value not in typing.get_args(typ):
+                raise ConfigError(f"{key} = {value!r} is not valid; choose one of: {', '.join(typing.get_args(typ))}")
+            rng = f.metadata.get("range")
+            if rng is None:
+                continue
+            each = isinstance(value, tuple)
+            if not all(rng.holds(v) for v in (value if each else (value,))):
+                raise ConfigError(f"{key} = {value} {rng.text(each)}")
+
+
+class Sections:
+    """Base of a whole config (one :class:`Section` per field): plain-data form, hash, field checks."""
+
+    # run settings that do not change the result (where it is written, how it is shown)
+    UNHASHED_RUN = ("name", "root", "progress", "wandb")
+    # keys that no longer exist: read from old config.toml files with a warning and dropped, and hashed at their
+    # old default so the run folders (named by the hash) of existing sweeps are found again
+    REMOVED = {"run": {"fail_at_step": -1}}
+
+    @classmethod
+    def sections(cls) -> dict[str, type]:
+        return {f.name: _field_type(cls, f.name) for f in fields(cls)}  # type: ignore[arg-type]
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        out = dataclasses.asdict(self)  # type: ignore[call-overload]
+        for sec in out.values():
+            for k, v in sec.items():
+                if isinstance(v, tuple):
+                    sec[k] = list(v)
+        return out
+
+    def hashed(self) -> dict[str, dict[str, Any]]:
+        """What :meth:`hash` covers."""
+        d = self.to_dict()
+        d["run"] = {k: v for k, v in d["run"].items() if k not in self.UNHASHED_RUN}
+        for sec, keys in self.REMOVED.items():
+            if sec in d:
+                d[sec].update(keys)
+        return d
+
+    def hash(self) -> str:
+        """Short hash of everything that changes the result."""
+        return hashlib.sha1(json.dumps(self.hashed(), sort_keys=True).encode()).hexdigest()[:8]
+
+    def check_fields(self) -> None:
+        """Choices and ranges of every field (ConfigError naming the first bad key)."""
+        for name in self.sections():
+            getattr(self, name).check(name)
+
+
 @dataclass(frozen=True)
-class DataConfig:
-    format: str = "synthetic"  # synthetic | cifar10 | folder | ffcv | dali
+class DataConfig(Section):
+    format: Literal["synthetic", "cifar10", "folder", "ffcv", "dali"] = "synthetic"
     path: str = ""  # dataset root (cifar10, folder) or .beton / DALI file list; unused for synthetic
     val_path: str = ""  # held-out split for ffcv/dali (a second .beton / file list); others derive it from `path`
-    resolution: int = 32  # pixels (square) the encoder sees
-    train_transform: str = "none"  # none (centre crop, as the report) | rrc_flip
-    batch_size: int = 256  # GLOBAL batch, split evenly over ranks
-    num_workers: int = 2
+    resolution: int = ranged(32, ge=8)  # pixels (square) the encoder sees
+    train_transform: Literal["none", "rrc_flip"] = "none"  # none: centre crop, as the report
+    batch_size: int = ranged(256, ge=1)  # GLOBAL batch, split evenly over ranks
+    num_workers: int = ranged(2, ge=0)
     synthetic_size: int = 10000  # training images of the synthetic set (the test split is eval.test_size)
     download: bool = False  # torchvision CIFAR-10 download, only on machines with internet
 
@@ -45,26 +140,31 @@ class DataConfig:
         return self.batch_size // world_size
 
 
+Arch = Literal["resnet50", "resnet18", "tiny"]
+Stem = Literal["cifar", "imagenet"]  # cifar: 3x3 s1 conv1, no max-pool
+Normalize = Literal["none", "imagenet", "cifar10"]  # mean/std applied inside the encoder's forward
+
+
 @dataclass(frozen=True)
-class ModelConfig:
-    arch: str = "resnet50"  # resnet50 | resnet18 | tiny
-    stem: str = "cifar"  # cifar (3x3 s1 conv1, no max-pool) | imagenet
+class ModelConfig(Section):
+    arch: Arch = "resnet50"
+    stem: Stem = "cifar"
     checkpoint: str = ""  # the pretrained base encoder phi_org (simclr-pytorch, solo-learn, torchvision, advft)
-    normalize: str = "none"  # none | imagenet | cifar10: mean/std applied inside forward
-    bn: str = "train"  # BatchNorm mode of the training forward: train (as the report) | eval
+    normalize: Normalize = "none"
+    bn: Literal["train", "eval"] = "train"  # BatchNorm mode of the training forward (train: as the report)
     head: str = ""  # optional fixed linear head file {'state_dict': {'weight','bias'}}
-    # A pretraining job file (advft.pretrain; "" = none) whose <run.root>/<run.name>/encoder.pt IS `checkpoint`:
-    # launch/sweep.py runs it first (once) when that file is missing. Resolved like a job file: as given, or
-    # in this checkout (jobs/...). Not in the config hash: given the checkpoint it does not change the result.
+    # A pretraining job file ("" = none) whose <run.root>/<run.name>/encoder.pt IS `checkpoint`: launch/sweep.py
+    # runs it first (once) when that file is missing. Resolved like a job file: as given, or in this checkout
+    # (jobs/...). Not in the config hash: given the checkpoint it does not change the result.
     pretrain: str = ""
 
 
 @dataclass(frozen=True)
-class AttackConfig:
-    name: str = "apgd"  # apgd | pgd
-    eps: float = 8.0  # L-inf radius in units of 1/255
-    steps: int = 10
-    objective: str = "embedding"  # embedding (label-free FARE) | ce_head (CE through the fixed head; needs model.head)
+class AttackConfig(Section):
+    name: Literal["apgd", "pgd"] = "apgd"
+    eps: float = ranged(8.0, gt=0, le=255, why="units of 1/255: 8 means 8/255")  # L-inf radius
+    steps: int = ranged(10, ge=1)
+    objective: Literal["embedding", "ce_head"] = "embedding"  # ce_head: CE through the fixed head (model.head)
 
     @property
     def eps_pixels(self) -> float:
@@ -72,53 +172,53 @@ class AttackConfig:
 
 
 @dataclass(frozen=True)
-class LossConfig:
-    alpha: float = 0.1  # weight of the clean term ||phi(x) - phi_org(x)||^2
-    reduction: str = "sum"  # sum over the embedding dim (FARE) | mean over it too (the report's code)
+class LossConfig(Section):
+    alpha: float = ranged(0.1, ge=0)  # weight of the clean term ||phi(x) - phi_org(x)||^2
+    reduction: Literal["sum", "mean"] = "sum"  # sum over the embedding dim (FARE) | mean (the report's code)
 
 
 @dataclass(frozen=True)
-class OptimConfig:
-    lr: float = 1e-4
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 1e-4
-    warmup_steps: int = 1400
-    steps: int = 20000
-    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+class OptimConfig(Section):
+    lr: float = ranged(1e-4, gt=0)
+    betas: tuple[float, float] = ranged((0.9, 0.95), ge=0, lt=1)
+    weight_decay: float = ranged(1e-4, ge=0)
+    warmup_steps: int = 1400  # between 0 and steps (checked by validate)
+    steps: int = ranged(20000, ge=1)
+    min_lr_ratio: float = ranged(0.0, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
     fused: bool = True  # fused AdamW kernel where the device supports it
-    grad_clip: float = 0.0  # 0 = off
+    grad_clip: float = ranged(0.0, ge=0)  # 0 = off
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    every: int = 1000  # steps between evaluations (0 = only at step 0 and the end)
-    head: str = "probe"  # probe (linear probe re-fit on frozen features) | fixed (model.head)
-    probe_train_size: int = 10000
-    probe_epochs: int = 100  # full-batch L-BFGS-free Adam epochs of the probe fit
-    test_size: int = 1000
-    batch_size: int = 256
-    attack_steps: int = 10  # APGD-CE steps during training
-    final_attack_steps: int = 100  # APGD-CE steps at the end
-    final_targets: int = 9  # APGD-T target classes at the end (0 = none)
+class EvalConfig(Section):
+    every: int = ranged(1000, ge=0, why="0 = only at the start and the end")  # steps between evaluations
+    head: Literal["probe", "fixed"] = "probe"  # probe: linear probe re-fit on frozen features | fixed: model.head
+    probe_train_size: int = ranged(10000, ge=1)
+    probe_epochs: int = ranged(100, ge=1)  # full-batch Adam epochs of the probe fit
+    test_size: int = ranged(1000, ge=1)
+    batch_size: int = ranged(256, ge=1)
+    attack_steps: int = ranged(10, ge=1)  # APGD-CE steps during training
+    final_attack_steps: int = ranged(100, ge=1)  # APGD-CE steps at the end
+    final_targets: int = ranged(9, ge=0, le=99)  # APGD-T target classes at the end (0 = none)
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(Section):
     name: str = "run"
     root: str = "runs"  # the run folder is root/name
     seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda
-    # fp32 | bf16 (autocast) | auto: bf16 where this device does bf16 in hardware (Ampere+ GPU, CPU with AMX or
-    # AVX512-BF16), else fp32 (emulated bf16: up to 21x slower, BENCHMARKS.md); resolved at run start, in manifest.json
-    precision: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # bf16 = autocast; auto = bf16 where this device does bf16 in hardware (Ampere+ GPU, CPU with AMX or
+    # AVX512-BF16), else fp32 (emulated bf16 is far slower); resolved at run start, recorded in manifest.json
+    precision: Literal["fp32", "bf16", "auto"] = "auto"
     compile: bool = False
     channels_last: bool = True
-    log_every: int = 10
-    ckpt_every: int = 500
-    keep_last: int = 3
-    wandb: str = "auto"  # auto (online with a key, else offline; WANDB_MODE wins) | online | offline | disabled
+    log_every: int = ranged(10, ge=1)
+    ckpt_every: int = ranged(500, ge=1)
+    keep_last: int = ranged(3, ge=1)
+    # auto: online with a key, else offline (WANDB_MODE wins)
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
     progress: bool = True  # tqdm bar on rank 0
-    fail_at_step: int = -1  # fault injection for tests: make the loss non-finite at this step (-1 = never)
 
     @property
     def dir(self) -> Path:
@@ -126,7 +226,7 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
-class Config:
+class Config(Sections):
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
@@ -135,68 +235,39 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
-    def to_dict(self) -> dict[str, dict[str, Any]]:
-        out = dataclasses.asdict(self)
-        for sec in out.values():
-            for k, v in sec.items():
-                if isinstance(v, tuple):
-                    sec[k] = list(v)
-        return out
-
-    def hash(self, exclude_run: bool = True) -> str:
-        """Short hash of everything that changes the result (excluded: run name, root, progress, wandb and
-        model.pretrain)."""
-        d = self.to_dict()
-        if exclude_run:
-            d["run"] = {k: v for k, v in d["run"].items() if k not in ("name", "root", "progress", "wandb")}
+    def hashed(self) -> dict[str, dict[str, Any]]:
+        d = super().hashed()
         # how the base encoder is made is not part of the run: model.checkpoint names the weights it starts from
         # (and a job file that gains model.pretrain keeps its run names, so its finished runs are found again)
         del d["model"]["pretrain"]
-        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:8]
+        return d
 
 
-SECTIONS: dict[str, type] = {
-    "data": DataConfig, "model": ModelConfig, "attack": AttackConfig, "loss": LossConfig,
-    "optim": OptimConfig, "eval": EvalConfig, "run": RunConfig,
-}
-
-CHOICES: dict[str, tuple[str, ...]] = {
-    "data.format": ("synthetic", "cifar10", "folder", "ffcv", "dali"),
-    "data.train_transform": ("none", "rrc_flip"),
-    "model.arch": ("resnet50", "resnet18", "tiny"),
-    "model.stem": ("cifar", "imagenet"),
-    "model.normalize": ("none", "imagenet", "cifar10"),
-    "model.bn": ("train", "eval"),
-    "attack.name": ("apgd", "pgd"),
-    "attack.objective": ("embedding", "ce_head"),
-    "loss.reduction": ("sum", "mean"),
-    "eval.head": ("probe", "fixed"),
-    "run.device": ("auto", "cpu", "cuda"),
-    "run.precision": ("fp32", "bf16", "auto"),
-    "run.wandb": ("auto", "online", "offline", "disabled"),
-}
+SECTIONS: dict[str, type] = Config.sections()
 
 
-def all_keys() -> list[str]:
-    return [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in fields(cls)] + list(ALIASES)
+def all_keys(sections: Mapping[str, type] | None = None) -> list[str]:
+    """Every dotted key of a config with these sections (the fine-tuning config's, with its aliases, by default)."""
+    secs = SECTIONS if sections is None else sections
+    keys = [f"{s}.{f.name}" for s, cls in secs.items() for f in fields(cls)]
+    return keys + list(ALIASES) if secs is SECTIONS else keys
 
 
-def _suggest(key: str) -> str:
-    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+def _suggest(key: str, sections: Mapping[str, type] | None = None) -> str:
+    keys = all_keys(sections)
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.5)
     if not close:  # try matching the last component only ("lrr" -> optim.lr)
-        tail = {k.split(".")[-1]: k for k in all_keys()}
+        tail = {k.split(".")[-1]: k for k in keys}
         hit = difflib.get_close_matches(key.split(".")[-1], list(tail), n=1, cutoff=0.6)
         close = [tail[hit[0]]] if hit else []
     return f"; did you mean '{close[0]}'?" if close else ""
 
 
-def _field_type(cls: type, name: str) -> Any:
-    return typing.get_type_hints(cls)[name]
-
-
 def _coerce(key: str, value: Any, typ: Any) -> Any:
     """Convert a TOML value or a --set string to the field's type, or raise ConfigError naming the key."""
     origin = typing.get_origin(typ)
+    if origin is Literal:  # a choice: typed as a string here, the choice is checked by validate()
+        typ = str
     tname = getattr(typ, "__name__", str(typ))
     if origin is tuple:
         args = typing.get_args(typ)
@@ -248,10 +319,12 @@ def _split_key(key: str, sections: Mapping[str, type] | None = None) -> tuple[st
     sections = SECTIONS if sections is None else sections
     key = ALIASES.get(key, key) if sections is SECTIONS else key
     if key.count(".") != 1:
-        raise ConfigError(f"unknown config key '{key}'{_suggest(key)} (keys look like section.name, e.g. optim.lr)")
+        raise ConfigError(f"unknown config key '{key}'{_suggest(key, sections)} (keys look like section.name, "
+                          f"e.g. optim.lr)")
     sec, name = key.split(".")
     if sec not in sections or name not in {f.name for f in fields(sections[sec])}:
-        raise ConfigError(f"unknown config key '{key}'{_suggest(key) if sections is SECTIONS else ''}")
+        hint = _suggest(key, sections) or f" (sections: {', '.join(sections)})"
+        raise ConfigError(f"unknown config key '{key}'{hint}")
     return sec, name
 
 
@@ -282,11 +355,14 @@ def build_sections(sections: Mapping[str, type], raw: Mapping[str, Any],
             values[s][n] = body
             continue
         if sec not in sections:
-            hint = _suggest(sec) if sections is SECTIONS else ""
+            hint = _suggest(sec, sections)
             raise ConfigError(f"unknown config section '{sec}'{hint} (sections: {', '.join(sections)})")
         if not isinstance(body, Mapping):
             raise ConfigError(f"[{sec}] must be a table of keys, got {body!r}")
         for name, v in body.items():
+            if name in Sections.REMOVED.get(sec, {}):  # an old config.toml: still loads
+                log.warning("ignoring %s.%s = %r: the key no longer exists", sec, name, v)
+                continue
             s, n = _split_key(f"{sec}.{name}", sections)
             values[s][n] = v
     for key, v in (overrides or {}).items():
@@ -316,86 +392,76 @@ def read_toml(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"job file {p} cannot be read: {e.strerror}") from None
 
 
-def from_dict(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Config:
-    """Build a Config from nested TOML-like data plus flat dotted overrides; types are checked, not ranges."""
-    return Config(**build_sections(SECTIONS, raw, overrides))
+def from_dict(raw: Mapping[str, Any], overrides: Mapping[str, Any] | None = None, cls: type = None) -> Any:
+    """Build a config (``cls``, default :class:`Config`) from nested TOML-like data plus flat dotted overrides;
+    types are checked, not ranges."""
+    cls = Config if cls is None else cls
+    sections = SECTIONS if cls is Config else cls.sections()
+    return cls(**build_sections(sections, raw, overrides))
 
 
-def load(path: str | os.PathLike | None, overrides: list[str] | Mapping[str, Any] | None = None) -> Config:
-    """Load a TOML job file (or the defaults when path is None) with overrides; raises ConfigError."""
+def load(path: str | os.PathLike | None, overrides: list[str] | Mapping[str, Any] | None = None,
+         cls: type = None) -> Any:
+    """Load a TOML job file (or the defaults when path is None) with overrides as a ``cls`` (default
+    :class:`Config`); raises ConfigError naming the key, path or value."""
+    cls = Config if cls is None else cls
     raw: dict[str, Any] = read_toml(path) if path is not None else {}
     if isinstance(overrides, (list, tuple)):
-        overrides = parse_set(list(overrides))
-    return from_dict(raw, overrides)
+        overrides = parse_set(list(overrides), SECTIONS if cls is Config else cls.sections())
+    return from_dict(raw, overrides, cls)
+
+
+def _need(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def check_common(cfg: Sections, world_size: int = 1) -> None:
+    """The checks every task's config shares (it has data, optim and run sections): choices and ranges of
+    every field, then the cross-field rules of those sections."""
+    cfg.check_fields()
+    data, optim = cfg.data, cfg.optim  # type: ignore[attr-defined]
+    _need(0 <= optim.warmup_steps <= optim.steps,
+          f"optim.warmup_steps = {optim.warmup_steps} must be between 0 and optim.steps = {optim.steps}")
+    _need(data.batch_size % world_size == 0,
+          f"data.batch_size = {data.batch_size} is not divisible by the world size {world_size}; "
+          f"use a multiple of {world_size}")
+    _need(data.synthetic_size >= data.batch_size or data.format != "synthetic",
+          f"data.synthetic_size = {data.synthetic_size} must be >= data.batch_size = {data.batch_size}")
+    check_name(cfg.run.name, "run.name")  # type: ignore[attr-defined]
+
+
+def check_data(data: DataConfig, check_paths: bool = True) -> None:
+    """The loader's package is installed and the dataset files exist."""
+    if data.format in ("ffcv", "dali"):
+        _check_extra(data.format)
+    if check_paths and data.format != "synthetic":
+        _need(bool(data.path), f"data.path is empty; data.format = '{data.format}' needs a dataset path "
+                               f"(e.g. --set data.path=/data/{data.format})")
+        _need(Path(data.path).exists() or (data.format == "cifar10" and data.download),
+              f"data.path: {data.path} does not exist")
+        if data.val_path:
+            _need(Path(data.val_path).exists(), f"data.val_path: {data.val_path} does not exist")
 
 
 def validate(cfg: Config, world_size: int = 1, check_paths: bool = True, checkpoint_made: bool = False) -> Config:
-    """Check ranges, choices and paths; raise ConfigError with one line naming the key. Returns cfg.
+    """Check choices, ranges and paths; raise ConfigError with one line naming the key. Returns cfg.
 
-    ``checkpoint_made``: a missing model.checkpoint is not an error when model.pretrain makes it before the
-    run starts (launch/sweep.py does); everywhere else the file must exist.
+    ``checkpoint_made``: model.checkpoint may not exist yet, because something makes it before the run
+    starts (the pretraining of model.pretrain; launch/base_encoder.py checks that rule).
     """
-    d = cfg.to_dict()
-    for key, allowed in CHOICES.items():
-        s, n = key.split(".")
-        if d[s][n] not in allowed:
-            raise ConfigError(f"{key} = {d[s][n]!r} is not valid; choose one of: {', '.join(allowed)}")
-
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            raise ConfigError(msg)
-
-    need(cfg.loss.alpha >= 0, f"loss.alpha = {cfg.loss.alpha} must be >= 0")
-    need(0 < cfg.attack.eps <= 255, f"attack.eps = {cfg.attack.eps} must be in (0, 255] (units of 1/255: 8 means 8/255)")
-    need(cfg.attack.steps >= 1, f"attack.steps = {cfg.attack.steps} must be >= 1")
-    need(cfg.optim.lr > 0, f"optim.lr = {cfg.optim.lr} must be > 0")
-    need(all(0 <= b < 1 for b in cfg.optim.betas), f"optim.betas = {cfg.optim.betas} must lie in [0, 1)")
-    need(cfg.optim.weight_decay >= 0, f"optim.weight_decay = {cfg.optim.weight_decay} must be >= 0")
-    need(cfg.optim.steps >= 1, f"optim.steps = {cfg.optim.steps} must be >= 1")
-    need(0 <= cfg.optim.warmup_steps <= cfg.optim.steps,
-         f"optim.warmup_steps = {cfg.optim.warmup_steps} must be between 0 and optim.steps = {cfg.optim.steps}")
-    need(0 <= cfg.optim.min_lr_ratio <= 1, f"optim.min_lr_ratio = {cfg.optim.min_lr_ratio} must be in [0, 1]")
-    need(cfg.optim.grad_clip >= 0, f"optim.grad_clip = {cfg.optim.grad_clip} must be >= 0")
-    need(cfg.data.resolution >= 8, f"data.resolution = {cfg.data.resolution} must be >= 8")
-    need(cfg.data.batch_size >= 1, f"data.batch_size = {cfg.data.batch_size} must be >= 1")
-    need(cfg.data.batch_size % world_size == 0,
-         f"data.batch_size = {cfg.data.batch_size} is not divisible by the world size {world_size}; "
-         f"use a multiple of {world_size}")
-    need(cfg.data.num_workers >= 0, f"data.num_workers = {cfg.data.num_workers} must be >= 0")
-    need(cfg.data.synthetic_size >= cfg.data.batch_size or cfg.data.format != "synthetic",
-         f"data.synthetic_size = {cfg.data.synthetic_size} must be >= data.batch_size = {cfg.data.batch_size}")
-    need(cfg.eval.every >= 0, f"eval.every = {cfg.eval.every} must be >= 0 (0 = only at the start and the end)")
-    for k in ("probe_train_size", "test_size", "batch_size", "attack_steps", "final_attack_steps", "probe_epochs"):
-        need(getattr(cfg.eval, k) >= 1, f"eval.{k} = {getattr(cfg.eval, k)} must be >= 1")
-    need(0 <= cfg.eval.final_targets <= 99, f"eval.final_targets = {cfg.eval.final_targets} must be in [0, 99]")
-    need(cfg.run.log_every >= 1, f"run.log_every = {cfg.run.log_every} must be >= 1")
-    need(cfg.run.ckpt_every >= 1, f"run.ckpt_every = {cfg.run.ckpt_every} must be >= 1")
-    need(cfg.run.keep_last >= 1, f"run.keep_last = {cfg.run.keep_last} must be >= 1")
-    check_name(cfg.run.name, "run.name")
-    need(cfg.attack.objective != "ce_head" or bool(cfg.model.head),
-         "attack.objective = 'ce_head' needs model.head (a linear head file)")
-    need(cfg.eval.head != "fixed" or bool(cfg.model.head), "eval.head = 'fixed' needs model.head (a linear head file)")
-    if cfg.data.format in ("ffcv", "dali"):
-        _check_extra(cfg.data.format)
+    check_common(cfg, world_size)
+    _need(cfg.attack.objective != "ce_head" or bool(cfg.model.head),
+          "attack.objective = 'ce_head' needs model.head (a linear head file)")
+    _need(cfg.eval.head != "fixed" or bool(cfg.model.head), "eval.head = 'fixed' needs model.head (a linear head file)")
+    check_data(cfg.data, check_paths)
     if check_paths:
-        if cfg.data.format != "synthetic":
-            need(bool(cfg.data.path), f"data.path is empty; data.format = '{cfg.data.format}' needs a dataset path")
-            need(Path(cfg.data.path).exists() or (cfg.data.format == "cifar10" and cfg.data.download),
-                 f"data.path: {cfg.data.path} does not exist")
-            if cfg.data.val_path:
-                need(Path(cfg.data.val_path).exists(), f"data.val_path: {cfg.data.val_path} does not exist")
-        need(bool(cfg.model.checkpoint), "model.checkpoint is empty; fine-tuning needs the pretrained base encoder file")
-        if cfg.model.pretrain:
-            pretrain_job(cfg)
+        _need(bool(cfg.model.checkpoint), "model.checkpoint is empty; fine-tuning needs the pretrained base encoder file")
         for key, value in (("model.checkpoint", cfg.model.checkpoint), ("model.head", cfg.model.head)):
-            need(not value or not Path(value).is_dir(), f"{key}: {value} is a directory; give the checkpoint file")
-            if key == "model.checkpoint" and cfg.model.pretrain and not Path(value).is_file():
-                need(checkpoint_made, f"model.checkpoint: {value} does not exist yet; it is made by the pretraining "
-                                      f"job model.pretrain = {cfg.model.pretrain}: run python launch/pretrain.py "
-                                      f"{cfg.model.pretrain} first, or start this job with launch/sweep.py, which "
-                                      f"runs it")
+            _need(not value or not Path(value).is_dir(), f"{key}: {value} is a directory; give the checkpoint file")
+            if key == "model.checkpoint" and checkpoint_made and not Path(value).is_file():
                 continue
-            need(not value or Path(value).is_file(), f"{key}: {value} does not exist")
+            _need(not value or Path(value).is_file(), f"{key}: {value} does not exist")
     return cfg
 
 
@@ -406,38 +472,6 @@ def resolve_job(path: str | os.PathLike) -> Path:
     if not p.is_file() and not p.is_absolute() and (CHECKOUT / p).is_file():
         return CHECKOUT / p
     return p
-
-
-def pretrain_job(cfg: Config, world_size: int = 1) -> tuple[Path, Any] | None:
-    """The pretraining job of ``model.pretrain`` (None when unset): its resolved path and its validated
-    :class:`advft.pretrain.PretrainConfig`, whose output ``<run.root>/<run.name>/encoder.pt`` must be
-    ``model.checkpoint`` and whose encoder must be the model this job builds. Raises ConfigError (one line)."""
-    if not cfg.model.pretrain:
-        return None
-    from advft import pretrain as P  # lazily: advft.pretrain imports this module
-
-    job = resolve_job(cfg.model.pretrain)
-    try:
-        pcfg = P.validate(P.load_config(job), world_size=world_size)
-    except ConfigError as e:
-        raise ConfigError(f"model.pretrain = {cfg.model.pretrain}: {e}") from None
-    made = pcfg.run.dir / P.ENCODER_FILE
-    if not _same_file(made, Path(cfg.model.checkpoint)):
-        raise ConfigError(f"model.pretrain = {cfg.model.pretrain} makes {made}, but model.checkpoint = "
-                          f"{cfg.model.checkpoint} is another file; set model.checkpoint = \"{made}\" or "
-                          f"model.pretrain = \"\"")
-    for key in ("arch", "stem", "normalize"):
-        ours, theirs = getattr(cfg.model, key), getattr(pcfg.model, key)
-        if ours != theirs:
-            raise ConfigError(f"model.pretrain = {cfg.model.pretrain} makes an encoder with model.{key} = "
-                              f"{theirs!r}, but this job has model.{key} = {ours!r}; make them agree")
-    return job, pcfg
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    if a.exists() and b.exists():
-        return os.path.samefile(a, b)
-    return a.resolve() == b.resolve()
 
 
 def _check_extra(fmt: str) -> None:
@@ -463,18 +497,10 @@ def check_name(name: str, what: str = "name") -> str:
     return name
 
 
-def to_toml(cfg: Config) -> str:
+def to_toml(cfg: Sections) -> str:
     import tomli_w
 
     return tomli_w.dumps(cfg.to_dict())
-
-
-def write(cfg: Config, path: str | os.PathLike) -> None:
-    """Write the resolved config atomically (temp file + rename)."""
-    p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(to_toml(cfg))
-    os.replace(tmp, p)
 
 
 def replace(cfg: Config, **dotted: Any) -> Config:

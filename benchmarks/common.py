@@ -19,8 +19,7 @@ from torch import nn
 from advft import config as C
 from advft.distributed import resolve_precision
 from advft.models import Encoder, build_encoder
-from advft.step import StepModels
-from advft.train import build_optimizer
+from advft.fare import StepModels, build_optimizer
 
 
 def resolve_device(name: str) -> torch.device:
@@ -124,7 +123,7 @@ def fresh_encoder(arch: str, stem: str, seed: int = 0) -> Encoder:
 
 
 def advft_models(base: Encoder, cfg: C.Config, device: torch.device) -> tuple[StepModels, torch.optim.Optimizer]:
-    """phi_org, phi, the compiled view and the optimizer, built as ``advft.train.finetune`` builds them
+    """phi_org, phi, the compiled view and the optimizer, built as ``advft.fare.finetune`` builds them
     (one process: phi_ddp is phi_fn)."""
     phi_org = copy.deepcopy(base).to(device).eval().requires_grad_(False)
     if cfg.run.channels_last:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-import advft.step as S  # noqa: E402
+import advft.fare.step as S  # noqa: E402
 from advft import config as C  # noqa: E402
 from advft.losses import fare_loss  # noqa: E402
 from advft.models import build_encoder  # noqa: E402
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     with torch.no_grad():
         target = phi_org(x)
     if args.z == "apgd":
-        z = S.adversarial_batch(S.StepModels(phi, phi, phi, phi_org), x, y, target, 0, cfg)
+        z = S.adversarial_batch(S.StepModels(phi, phi, phi, phi_org), x, y, target, 0, S.FareSpec.of(cfg))
     else:
         u = 2 * torch.rand(x.shape, device=device, generator=torch.Generator(device).manual_seed(args.z_seed)) - 1
         z = (x + cfg.attack.eps_pixels * (u if args.z == "noise" else u.sign())).clamp(0, 1)

@@ -6,7 +6,7 @@
 
 The first form starts ``torchrun --nproc_per_node N`` for every N in ``--ranks`` (gloo on CPU, with
 ACCELERATE_USE_CPU=1 and ``--threads-per-rank`` threads each; NCCL on GPUs) and times advft's own
-``fare_step`` through DDP, built as ``advft.train.finetune`` builds it, at a FIXED per-rank batch
+``fare_step`` through DDP, built as ``advft.fare.finetune`` builds it, at a FIXED per-rank batch
 (``--batch``): weak scaling, as when a sweep adds GPUs to keep the per-GPU batch. Every rank draws its own
 batch. A timed repeat starts after a barrier and lasts as long as the slowest rank (the gradient
 all-reduce makes every step wait for it); efficiency(N) = images/s per rank at N / images/s at 1 rank.
@@ -73,7 +73,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from advft import config as C
     from advft.distributed import make_accelerator
-    from advft.step import fare_step
+    from advft.fare.step import FareSpec, fare_step
 
     acc = make_accelerator(args.device)
     device, rank, world = acc.device, acc.process_index, acc.num_processes
@@ -90,12 +90,12 @@ def worker(args: argparse.Namespace) -> None:
     g = torch.Generator(device).manual_seed(1000 + rank)
     x = torch.rand(args.batch, 3, args.res, args.res, device=device, generator=g)
     y = torch.zeros(args.batch, dtype=torch.long, device=device)
-    step = 0
+    step, spec = 0, FareSpec.of(cfg)
 
     def run(n: int) -> None:
         nonlocal step
         for _ in range(n):
-            fare_step(models, opt, x, y, step, cfg, rank=rank, world=world)
+            fare_step(models, opt, x, y, step, spec, rank=rank, world=world)
             step += 1
 
     run(args.warmup)

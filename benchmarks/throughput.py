@@ -9,7 +9,7 @@ on the weights) and see the same batch of [0, 1] pixels and the same attack star
 
 - ``baseline`` (benchmarks/baseline.py): fp32, eager, NCHW, full backward in the attack, gradient at the
   last iterate, host syncs, separate clean and adversarial forwards, plain AdamW;
-- ``advft``: the engine's own ``advft.step.fare_step`` (and, for the attack alone, ``adversarial_batch``,
+- ``advft``: the engine's own ``advft.fare.step.fare_step`` (and, for the attack alone, ``adversarial_batch``,
   the attack that step runs) with the switches given here: precision (``auto`` = bf16 where the device
   does bf16 in hardware, else fp32), channels_last, torch.compile, fused AdamW.
 
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 import advft.attacks as A  # noqa: E402
-import advft.step as S  # noqa: E402
+import advft.fare.step as S  # noqa: E402
 from advft import config as C  # noqa: E402
 from advft.distributed import autocast  # noqa: E402
 from benchmarks import common  # noqa: E402
@@ -134,8 +134,9 @@ def make_advft(name: str, base, cfg: C.Config, x: torch.Tensor, device: torch.de
     with torch.no_grad(), autocast(device, cfg.run.precision):
         target = models.phi_org(x).float()
     ctx = ctx_for(models.phi) if ctx_for else contextlib.nullcontext
-    return Impl(name, lambda i: S.fare_step(models, opt, x, y, i, cfg),
-                lambda i: S.adversarial_batch(models, x, y, target, i, cfg), ctx)
+    spec = S.FareSpec.of(cfg)
+    return Impl(name, lambda i: S.fare_step(models, opt, x, y, i, spec),
+                lambda i: S.adversarial_batch(models, x, y, target, i, spec), ctx)
 
 
 def make_baseline(base, cfg: C.Config, x: torch.Tensor, device: torch.device) -> Impl:

@@ -46,7 +46,7 @@ class EngineJob(submitit.helpers.Checkpointable):
     def __call__(self) -> Any:
         import torch
 
-        from advft.train import Interrupted
+        from advft.engine import Interrupted
 
         env = setup_distributed()
         logging.basicConfig(level=logging.INFO if env.global_rank == 0 else logging.WARNING,
@@ -80,7 +80,7 @@ class EngineJob(submitit.helpers.Checkpointable):
 
 
 class FinetuneJob(EngineJob):
-    """Runs ``advft.train.finetune`` on a resolved config.
+    """Runs ``advft.fare.finetune`` on a resolved config.
 
     ``config`` is ``Config.to_dict()`` (plain data, so the pickle does not depend on advft's classes),
     ``group`` the sweep name (the wandb group), ``threads`` the CPU threads per task (0 = torch's default).
@@ -93,7 +93,7 @@ class FinetuneJob(EngineJob):
 
     def run(self, should_stop: StopFlag) -> dict[str, Any]:
         from advft import config as C
-        from advft.train import finetune
+        from advft.fare import finetune
 
         return finetune(C.from_dict(self.config), should_stop=should_stop, group=self.group)
 
@@ -102,7 +102,7 @@ class FinetuneJob(EngineJob):
 
 
 class PretrainJob(EngineJob):
-    """Runs ``advft.pretrain.pretrain`` (SimCLR) on a resolved pretraining config (``PretrainConfig.to_dict()``);
+    """Runs ``advft.simclr.pretrain`` (SimCLR) on a resolved pretraining config (``PretrainConfig.to_dict()``);
     returns the path of the encoder it wrote. A finished pretraining returns at once."""
 
     def __init__(self, config: dict[str, Any], threads: int = 0) -> None:
@@ -111,10 +111,9 @@ class PretrainJob(EngineJob):
 
     def run(self, should_stop: StopFlag) -> str:
         from advft import config as C
-        from advft import pretrain as P
+        from advft.simclr import PretrainConfig, pretrain
 
-        cfg = P.PretrainConfig(**C.build_sections(P.SECTIONS, self.config))
-        return str(P.pretrain(cfg, should_stop=should_stop))
+        return str(pretrain(C.from_dict(self.config, cls=PretrainConfig), should_stop=should_stop))
 
     def again(self) -> "PretrainJob":
         return PretrainJob(self.config, self.threads)

@@ -1,6 +1,6 @@
-"""Stop requests for a running fine-tuning: signals and a file that only raise a flag.
+"""Stop requests for a running engine run (fine-tuning or pretraining): signals and a file that only raise a flag.
 
-The engine polls the flag at log steps (``finetune(should_stop=...)``), so a run stops at a step boundary
+The engine polls the flag at log steps (``advft.engine.run(should_stop=...)``), so a run stops at a step boundary
 on which all ranks agree, after a checkpoint, and never in the middle of a step or a collective.
 """
 from __future__ import annotations

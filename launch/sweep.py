@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from advft import config as C  # noqa: E402
+from launch import base_encoder  # noqa: E402
 from launch import grid as G  # noqa: E402
 from launch.profiles import Profile, default_profile, load_profile, local_parameters, parse_overrides  # noqa: E402
 from launch.sweep_state import (last_step, read_sweep, results_table, run_results, sweep_lock,  # noqa: E402
@@ -51,7 +52,7 @@ class PlannedRun:
 @dataclass(frozen=True)
 class PlannedPretrain:
     job: Path  # the pretraining job file (model.pretrain, resolved)
-    cfg: Any  # advft.pretrain.PretrainConfig, validated, run.root absolute
+    cfg: Any  # advft.simclr.PretrainConfig, validated, run.root absolute
     runs: tuple[str, ...]  # the planned runs whose model.checkpoint is its encoder
 
     @property
@@ -142,7 +143,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         seen[name] = point
         cfg = C.replace(cfg, **{"run.name": name, "run.root": str(sweep_dir)})
         try:
-            C.validate(cfg, world_size=world, checkpoint_made=bool(cfg.model.pretrain))
+            base_encoder.validate(cfg, world_size=world, made_here=True)
         except C.ConfigError as e:
             raise C.ConfigError(f"run {name}: {e}" if axes else str(e)) from None
         runs.append(PlannedRun(name, point, cfg))
@@ -155,11 +156,11 @@ def plan_pretraining(runs: list[PlannedRun], world: int) -> list[PlannedPretrain
     """One pretraining per distinct pretraining run folder that the runs' model.pretrain name, validated for
     the sweep's world size. Two different configs for one folder, or a folder that already holds a run of
     another config, are bad input (the pretraining would refuse that folder once it starts)."""
-    from advft import pretrain as P
+    from advft import simclr as P
 
     found: dict[Path, tuple[Path, Any, list[str]]] = {}
     for r in runs:
-        pair = C.pretrain_job(r.cfg, world_size=world)
+        pair = base_encoder.pretrain_job(r.cfg, world_size=world)
         if pair is None:
             continue
         job, pcfg = pair
@@ -416,7 +417,7 @@ def watch(plan: Plan, jobs: Iterable[Any], watched: list[tuple[str, str, str, st
 
 
 def hints(plan: Plan) -> None:
-    from advft.tracking import wandb_mode
+    from advft.engine.record import wandb_mode
 
     if any(wandb_mode(r.cfg.run.wandb) == "offline" for r in plan.runs):
         print(f"wandb runs are offline (no API key here); upload them later with: "

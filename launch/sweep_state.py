@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
-from advft.tracking import write_json
+from advft.engine.rundir import write_json
 
 SWEEP_JSON = "sweep.json"
 LOCK = ".lock"

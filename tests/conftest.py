@@ -81,3 +81,15 @@ def tiny_cfg(tmp_path, base_encoder):
                        f"run.name={name}", f"data.path={tmp_path / 'cache'}", *sets])
 
     return make
+
+
+@pytest.fixture
+def nan_at(monkeypatch):
+    """``nan_at(TaskClass, k)``: the loss of global step k of that task turns NaN before its backward, in this
+    test only (tests/faults/inject.py), as after a device fault; the library has no test hook."""
+    from faults.inject import nan_step
+
+    def arm(task_cls: type, step: int) -> None:
+        monkeypatch.setattr(task_cls, "step", nan_step(task_cls, step))
+
+    return arm

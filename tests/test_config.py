@@ -28,7 +28,7 @@ def test_aliases_and_overrides_are_typed():
 
 def test_toml_round_trip(tmp_path):
     cfg = C.load(ROOT / "jobs" / "test_tiny.toml", ["alpha=1"])
-    C.write(cfg, tmp_path / "config.toml")
+    (tmp_path / "config.toml").write_text(C.to_toml(cfg))
     again = C.load(tmp_path / "config.toml")
     assert again == cfg and again.hash() == cfg.hash()
 
@@ -115,9 +115,33 @@ def test_every_job_file_parses():
     assert jobs
     for job in jobs:
         if "pretrain" in job.name:
-            continue  # pretraining jobs have their own config (advft.pretrain)
+            continue  # pretraining jobs have their own config (advft.simclr)
         cfg = C.load(job)
         try:
             C.validate(cfg, check_paths=False)
         except C.ConfigError as e:  # ffcv/dali jobs on a machine without them: the error names the fix
             assert cfg.data.format in ("ffcv", "dali") and "scripts/install_extras.sh" in str(e), (job, e)
+
+
+def test_a_run_folder_written_before_fail_at_step_was_removed_still_loads_with_its_hash(tmp_path, caplog):
+    # run folders are named by the hash: an old config.toml (with run.fail_at_step) must give the same one
+    cfg = C.load(ROOT / "jobs" / "test_tiny.toml", ["alpha=1"])
+    old = C.to_toml(cfg).replace("[run]\n", "[run]\nfail_at_step = -1\n")
+    (tmp_path / "config.toml").write_text(old)
+    again = C.load(tmp_path / "config.toml")
+    assert again == cfg and again.hash() == cfg.hash()
+    assert "fail_at_step" in caplog.text
+    # the hash of every field's default is the one of earlier releases (the demo's run folder names)
+    assert C.Config().hash() == "5549623d"
+    with pytest.raises(C.ConfigError, match="unknown config key 'run.fail_at_step'"):
+        C.load(None, ["run.fail_at_step=3"])  # faults are injected by the tests, not by the config
+
+
+def test_choices_and_ranges_sit_on_the_fields_and_are_checked_in_one_place():
+    import typing
+
+    assert typing.get_args(typing.get_type_hints(C.ModelConfig)["arch"]) == ("resnet50", "resnet18", "tiny")
+    with pytest.raises(C.ConfigError, match=r"^eval.final_targets = 100 must be in \[0, 99\]$"):
+        C.load(None, ["eval.final_targets=100"]).check_fields()
+    with pytest.raises(C.ConfigError, match=r"^optim.betas = \(0.9, 1.0\) must lie in \[0, 1\)$"):
+        C.load(None, ["optim.betas=0.9,1"]).check_fields()

@@ -12,7 +12,7 @@ from conftest import require_or_skip
 from PIL import Image
 from test_perf_equivalence import _batch, _tiny_setup
 
-import advft.step as S
+import advft.fare.step as S
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
@@ -46,7 +46,7 @@ def test_compiled_bf16_step_matches_eager() -> None:
         with torch.no_grad(), autocast(x.device, "bf16"):
             target = m.phi_org(x).float()
         if z is None:  # eager's adversarial batch, shared by both gradients below
-            z = S.adversarial_batch(m, x, y, target, 0, cfg)
+            z = S.adversarial_batch(m, x, y, target, 0, S.FareSpec.of(cfg))
         fn = torch.compile(m.phi) if compiled else m.phi
         with autocast(x.device, "bf16"):
             out = fare_loss(fn, z, x, target, cfg.loss.alpha)
@@ -55,7 +55,8 @@ def test_compiled_bf16_step_matches_eager() -> None:
         m.phi.zero_grad(set_to_none=True)
         step = S.StepModels(phi=m.phi, phi_fn=fn, phi_ddp=fn, phi_org=m.phi_org)
         opt = torch.optim.SGD(m.phi.parameters(), lr=0.05)
-        losses.append((out["loss"].float().item(), S.fare_step(step, opt, x, y, 0, cfg)["loss"].float().item()))
+        stepped = S.fare_step(step, opt, x, y, 0, S.FareSpec.of(cfg))["loss"]
+        losses.append((out["loss"].float().item(), stepped.float().item()))
     (shared_e, step_e), (shared_c, step_c) = losses
     assert step_e > 0 and grads[0].norm() > 0  # the step did something
     assert step_c == pytest.approx(step_e, rel=STEP_LOSS_RTOL)
@@ -67,13 +68,13 @@ def test_no_host_sync_in_the_engines_attack() -> None:
     cfg, m, x, y = _on_cuda("bf16")
     with torch.no_grad():
         target = m.phi_org(x).float()
-    S.adversarial_batch(m, x, y, target, 0, cfg)  # first call: lazy CUDA initialisation, outside the check
+    S.adversarial_batch(m, x, y, target, 0, S.FareSpec.of(cfg))  # first call: lazy CUDA init, outside the check
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         with pytest.raises(RuntimeError):  # the mode bites: a value read on the host is an error
             x.sum().item()
-        z = S.adversarial_batch(m, x, y, target, 1, cfg)
+        z = S.adversarial_batch(m, x, y, target, 1, S.FareSpec.of(cfg))
     finally:
         torch.cuda.set_sync_debug_mode("default")
     eps = cfg.attack.eps_pixels

@@ -13,12 +13,12 @@ import pytest
 import torch
 from torch import nn
 
-import advft.step as S
+import advft.fare.step as S
 from advft import config as C
 from advft.attacks import apgd, ce_loss
 from advft.distributed import autocast
 from advft.models import build_encoder
-from advft.train import build_optimizer
+from advft.fare import build_optimizer
 from benchmarks.baseline import baseline_apgd
 from benchmarks.throughput import full_backward_attack, separate_forwards
 
@@ -94,7 +94,7 @@ def test_baseline_attack_finds_the_same_batch_as_advft() -> None:
     with torch.no_grad():
         target = m.phi_org(x)
     init = S.attack_init(cfg.run.seed, 0, x.shape, 0, 1, CPU)
-    z_advft = S.adversarial_batch(m, x, y, target, 0, cfg)
+    z_advft = S.adversarial_batch(m, x, y, target, 0, S.FareSpec.of(cfg))
     m.phi.eval()
     z_base = baseline_apgd(m.phi, x, target, eps=cfg.attack.eps_pixels, n_iter=cfg.attack.steps, init=init)
     assert not torch.equal(z_advft, x)
@@ -108,10 +108,10 @@ def test_ablation_switches_change_cost_not_result() -> None:
     with torch.no_grad():
         target = m.phi_org(x)
     engine = (S.frozen, S.fare_loss)
-    z = S.adversarial_batch(m, x, y, target, 0, cfg)
+    z = S.adversarial_batch(m, x, y, target, 0, S.FareSpec.of(cfg))
     with full_backward_attack(m.phi):
         assert S.frozen is not engine[0]
-        z_full = S.adversarial_batch(m, x, y, target, 0, cfg)
+        z_full = S.adversarial_batch(m, x, y, target, 0, S.FareSpec.of(cfg))
     torch.testing.assert_close(z_full, z, rtol=0, atol=1e-6)
     assert all(p.grad is None for p in m.phi.parameters())
     one = S.fare_loss(m.phi, z, x, target, cfg.loss.alpha)
@@ -141,7 +141,7 @@ def test_compiled_step_matches_eager() -> None:
         if compiled:
             fn = torch.compile(m.phi)
             m = S.StepModels(phi=m.phi, phi_fn=fn, phi_ddp=fn, phi_org=m.phi_org)
-        losses = [S.fare_step(m, opt, x, y, step, cfg)["loss"] for step in range(2)]
+        losses = [S.fare_step(m, opt, x, y, step, S.FareSpec.of(cfg))["loss"] for step in range(2)]
         assert all(p.grad is None for p in m.phi.parameters())
         runs.append((torch.stack(losses), {k: v.detach().clone() for k, v in m.phi.state_dict().items()}))
     (l_eager, w_eager), (l_comp, w_comp) = runs

@@ -12,7 +12,7 @@ import torch
 from advft import checkpoint as ckpt
 from advft import config as C
 from advft import distributed as D
-from advft import train as T
+from advft import fare as T
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
@@ -97,7 +97,7 @@ def test_unresolved_and_unknown_precisions_are_refused():
 
 
 def test_config_accepts_auto_and_names_the_key_for_a_typo(tmp_path):
-    from advft import pretrain as P
+    from advft import simclr as P
 
     assert C.RunConfig().precision == "auto"
     ck = tmp_path / "enc.pt"

@@ -13,9 +13,10 @@ import torch
 import torch.nn.functional as F
 
 from advft import config as C
-from advft import pretrain as P
+from advft import simclr as P
 from advft.models import build_encoder, load_encoder
-from advft.train import Interrupted
+from advft.engine import Interrupted, NonFiniteLossError
+from advft.simclr.augment import _shift_hue
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -159,7 +160,7 @@ def test_hue_shift_matches_torchvision():
     x[0, :, :3] = 0.5  # grey pixels: hue undefined, must stay grey
     shifts = torch.tensor([-0.5, -0.3, -0.05, 0.0, 0.1, 0.45])
     ref = torch.stack([TF.adjust_hue(x[i], float(shifts[i])) for i in range(6)])
-    assert torch.allclose(P._shift_hue(x, shifts), ref, atol=1e-5)
+    assert torch.allclose(_shift_hue(x, shifts), ref, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------- tiny runs
@@ -219,7 +220,7 @@ def test_rerunning_a_finished_run_does_nothing(tiny_run):
     assert before == (path.stat().st_mtime_ns, (cfg.run.dir / "metrics.jsonl").read_text())
 
 
-def test_launcher_reports_a_finished_run_and_rejects_bad_input(tiny_run, tmp_path, capsys):
+def test_launcher_reports_a_finished_run_and_rejects_bad_input(tiny_run, tmp_path, capsys, nan_at):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("launch_pretrain", ROOT / "launch" / "pretrain.py")
@@ -227,12 +228,22 @@ def test_launcher_reports_a_finished_run_and_rejects_bad_input(tiny_run, tmp_pat
     spec.loader.exec_module(launch)
     cfg, path = tiny_run
     job = tmp_path / "job.toml"
-    C.write(cfg, job)
+    job.write_text(C.to_toml(cfg))
     assert launch.main([str(job)]) == 0
     assert str(path) in capsys.readouterr().out
     assert launch.main([str(job), "--set", "simclr.temperature=-1"]) == 2
     assert "simclr.temperature" in capsys.readouterr().err
-    assert launch.main([str(job), "--set", "run.name=other", "--set", "run.fail_at_step=1"]) == 3
+    # the same command path as launch/train.py: stop requests (exit 75, then a rerun resumes), non-finite loss
+    stop = tmp_path / "stop"
+    stop.touch()
+    assert launch.main([str(job), "--set", "run.name=stopped", "--stop-file", str(stop)]) == 75
+    assert "stopped at step 2 on request" in capsys.readouterr().err
+    stop.unlink()
+    assert launch.main([str(job), "--set", "run.name=stopped"]) == 0
+    assert json.loads((cfg.run.dir.parent / "stopped" / "manifest.json").read_text())["starts"][-1]["resume_step"] == 2
+    nan_at(P.SimCLRTask, 1)
+    assert launch.main([str(job), "--set", "run.name=other"]) == 3
+    assert "non-finite loss at step 1" in capsys.readouterr().err
 
 
 def test_resume_after_interruption_is_bit_identical(tiny_run, tmp_path):
@@ -262,13 +273,14 @@ def test_resume_after_interruption_is_bit_identical(tiny_run, tmp_path):
     assert history(cfg.run.dir) == history(cfg_whole.run.dir)  # one consistent record, nothing twice
 
 
-def test_non_finite_loss_stops_without_saving(tmp_path):
-    from advft.train import NonFiniteLossError
-
-    cfg = _cfg(tmp_path, "nan", "run.fail_at_step=5")
+def test_non_finite_loss_stops_without_saving_and_marks_the_run_failed(tmp_path, nan_at):
+    nan_at(P.SimCLRTask, 5)
+    cfg = _cfg(tmp_path, "nan")
     with pytest.raises(NonFiniteLossError, match="step 5"):
         P.pretrain(cfg)
     assert [p.name for p in sorted((cfg.run.dir / "checkpoints").glob("*.pt"))] == ["step_00000004.pt"]
+    res = json.loads((cfg.run.dir / "results.json").read_text())
+    assert res["status"] == "failed" and res["failed_step"] == 5
 
 
 @pytest.mark.slow
@@ -338,7 +350,7 @@ def test_jobs_load_and_validate(tmp_path):
     with pytest.raises(C.ConfigError, match="data.path: .*does not exist"):
         P.validate(P.load_config(ROOT / "jobs" / "cifar10_pretrain.toml", [f"data.path={tmp_path / 'nope'}"]))
     # round trip through the run folder's config.toml
-    C.write(demo, tmp_path / "config.toml")
+    (tmp_path / "config.toml").write_text(C.to_toml(demo))
     again = P.load_config(tmp_path / "config.toml")
     assert again == demo and again.hash() == demo.hash()
 

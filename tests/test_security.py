@@ -18,7 +18,8 @@ import torch
 
 from advft import checkpoint as ckpt
 from advft import config as C
-from advft.train import Interrupted, finetune
+from advft.engine import Interrupted
+from advft.fare import finetune
 from faults import helpers as H
 from faults.record import record
 from launch import grid as G

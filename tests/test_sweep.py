@@ -21,7 +21,7 @@ import torch
 
 from advft import checkpoint as ckpt
 from advft import config as C
-from advft.train import finetune
+from advft.fare import finetune
 from conftest import wait_for
 from faults import hold
 from slurm_util import wait_sacct

@@ -22,6 +22,7 @@ from advft import config as C
 from conftest import wait_for
 from faults import hold
 from slurm_util import wait_sacct
+from launch import base_encoder
 from launch import sweep as S
 from launch.sweep_state import read_sweep
 
@@ -46,7 +47,7 @@ normalize = "none"
 proj_dim = 32
 
 [optim]
-lr = 2e-3
+lr = {lr}
 warmup_steps = 1
 steps = {steps}
 
@@ -70,7 +71,6 @@ log_every = 2
 ckpt_every = 2
 wandb = "disabled"
 progress = false
-fail_at_step = {fail_at_step}
 """
 
 
@@ -81,13 +81,16 @@ def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("synthetic-cache")  # shared: the synthetic set is generated once
 
 
-def write_pretrain_job(folder: Path, cache: Path, *, steps: int = 4, fail_at_step: int = -1,
+DIVERGE = "1e38"  # a learning rate whose first update overflows the weights: the loss of step 1 is not finite
+
+
+def write_pretrain_job(folder: Path, cache: Path, *, steps: int = 4, lr: str = "2e-3",
                        root: Path | None = None) -> tuple[Path, Path]:
     """The tiny pretraining job file in ``folder`` and the encoder it makes (``<folder>/base/...``)."""
     root = folder / "base" if root is None else root
     folder.mkdir(parents=True, exist_ok=True)
     job = folder / "tiny_pretrain.toml"
-    job.write_text(PRETRAIN_TOML.format(cache=cache, root=root, steps=steps, fail_at_step=fail_at_step))
+    job.write_text(PRETRAIN_TOML.format(cache=cache, root=root, steps=steps, lr=lr))
     return job, root / "tiny_pretrain" / "encoder.pt"
 
 
@@ -124,7 +127,7 @@ def test_model_pretrain_is_not_in_the_config_hash_and_the_demo_job_is_consistent
     assert base.hash() != C.load(JOB, ["model.checkpoint=elsewhere.pt"]).hash()
     monkeypatch.chdir(tmp_path)  # another directory: the job's relative paths still fit together
     demo = C.load(ROOT / "jobs" / "demo.toml")
-    job, pcfg = C.pretrain_job(demo)
+    job, pcfg = base_encoder.pretrain_job(demo)
     assert job == ROOT / "jobs" / "demo_pretrain.toml"  # resolved like a job file: found in the checkout
     assert (pcfg.run.dir / "encoder.pt").resolve() == Path(demo.model.checkpoint).resolve()
 
@@ -302,8 +305,8 @@ def test_debug_sweep_pretrains_in_this_process_then_runs(tmp_path, cache, capsys
 
 
 def test_a_failing_pretraining_exits_1_naming_its_log_and_submits_no_run(tmp_path, cache, capsys):
-    # a non-finite loss at step 1: valid input, it fails only once the job runs
-    job, enc = write_pretrain_job(tmp_path / "jobs", cache, fail_at_step=1)
+    # a diverging lr: valid input, it fails (non-finite loss) only once the job runs
+    job, enc = write_pretrain_job(tmp_path / "jobs", cache, lr=DIVERGE)
     root = tmp_path / "runs"
     rc, out, err = run_main(capsys, sweep_args(root, job, enc, cache, "--cluster", "local", "--grid",
                                                "alpha=0,0.1", "--name", "bad", "--wait"))
@@ -411,7 +414,7 @@ def test_slurm_array_depends_afterok_on_the_pretraining_and_all_complete(slurm, 
 
 @pytest.mark.slurm
 def test_slurm_a_failing_pretraining_cancels_the_array_that_waits_for_it(slurm, tmp_path, cache, capsys):
-    job, enc = write_pretrain_job(tmp_path / "jobs", cache, fail_at_step=1)
+    job, enc = write_pretrain_job(tmp_path / "jobs", cache, lr=DIVERGE)
     d = tmp_path / "runs" / "cancel"
     slurm.append(d)
     rc, out, err = run_main(capsys, sweep_args(tmp_path / "runs", job, enc, cache, "--cluster", "slurm",

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from advft import checkpoint as ckpt
-from advft import train as T
+from advft.engine import Interrupted, NonFiniteLossError
+from advft.fare import FareTask, finetune
 from advft.models import load_encoder
 
 
@@ -19,7 +20,7 @@ def final_weights(cfg) -> dict[str, torch.Tensor]:
 
 def test_run_end_to_end_writes_its_record(tiny_cfg):
     cfg = tiny_cfg()
-    res = T.finetune(cfg)
+    res = finetune(cfg)
     d = cfg.run.dir
     assert res["status"] == "finished" and {"initial", "final"} <= set(res)
     for k in ("clean_acc", "robust_acc", "n_test", "attack"):
@@ -36,12 +37,12 @@ def test_run_end_to_end_writes_its_record(tiny_cfg):
     assert train[0]["adv_loss"] > 0
     # a finished run is not run again
     mtime = (d / "results.json").stat().st_mtime_ns
-    assert T.finetune(cfg)["status"] == "finished" and (d / "results.json").stat().st_mtime_ns == mtime
+    assert finetune(cfg)["status"] == "finished" and (d / "results.json").stat().st_mtime_ns == mtime
 
 
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_cfg):
     ref = tiny_cfg(name="ref")
-    T.finetune(ref)
+    finetune(ref)
     cut = tiny_cfg(name="cut")
     calls = {"n": 0}
 
@@ -49,10 +50,10 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_cfg):
         calls["n"] += 1
         return calls["n"] == 3
 
-    with pytest.raises(T.Interrupted) as e:
-        T.finetune(cut, should_stop=stop_once)
+    with pytest.raises(Interrupted) as e:
+        finetune(cut, should_stop=stop_once)
     assert e.value.step == 6 and ckpt.load_latest(cut.run.dir)[0] == 6
-    T.finetune(cut)
+    finetune(cut)
     a, b = final_weights(ref), final_weights(cut)
     assert a.keys() == b.keys()
     for k in a:
@@ -64,7 +65,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tiny_cfg):
 
 def test_frozen_reference_unchanged_and_attack_leaves_no_grads(tiny_cfg, base_encoder, monkeypatch):
     seen = {}
-    import advft.step as S
+    import advft.fare.step as S
 
     orig = S.fare_loss
 
@@ -77,7 +78,7 @@ def test_frozen_reference_unchanged_and_attack_leaves_no_grads(tiny_cfg, base_en
     monkeypatch.setattr(S, "fare_loss", spy)
     cfg = tiny_cfg()
     before = load_encoder(base_encoder, "tiny", "cifar").state_dict()
-    T.finetune(cfg)
+    finetune(cfg)
     assert all(seen["grads_before"])
     after = load_encoder(base_encoder, "tiny", "cifar").state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
@@ -85,10 +86,11 @@ def test_frozen_reference_unchanged_and_attack_leaves_no_grads(tiny_cfg, base_en
     assert any(not torch.equal(before["net." + k], v) for k, v in trained.items() if "net." + k in before)
 
 
-def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_cfg):
-    cfg = tiny_cfg("run.fail_at_step=5")
-    with pytest.raises(T.NonFiniteLossError, match="non-finite loss at step 5"):
-        T.finetune(cfg)
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_cfg, nan_at):
+    nan_at(FareTask, 5)
+    cfg = tiny_cfg()
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at step 5"):
+        finetune(cfg)
     assert [s for s, _ in ckpt.list_checkpoints(cfg.run.dir)] == [4]
     res = json.loads((cfg.run.dir / "results.json").read_text())
     assert res["status"] == "failed" and "step 5" in res["error"]
@@ -97,11 +99,11 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
 def test_folder_of_another_config_is_refused(tiny_cfg):
     from advft.config import ConfigError
 
-    T.finetune(tiny_cfg(name="same"))
+    finetune(tiny_cfg(name="same"))
     with pytest.raises(ConfigError, match="different config"):
-        T.finetune(tiny_cfg("alpha=1", name="same"))
+        finetune(tiny_cfg("alpha=1", name="same"))
 
 
 def test_alpha_zero_and_pgd_and_bn_eval_variants_run(tiny_cfg):
-    res = T.finetune(tiny_cfg("alpha=0", "attack.name=pgd", "model.bn=eval", "optim.steps=4", "eval.every=0"))
+    res = finetune(tiny_cfg("alpha=0", "attack.name=pgd", "model.bn=eval", "optim.steps=4", "eval.every=0"))
     assert res["status"] == "finished"

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from advft.report.markdown import render_markdown
 from advft.report.runs import Sweep
-from advft.tracking import wandb_mode
+from advft.engine.record import wandb_mode
 
 
 def wandb_unavailable() -> str | None:
@@ -62,7 +62,7 @@ def publish_wandb(sweep: Sweep) -> str:
         import wandb
 
         entity = wandb.Api().default_entity
-    # the project and entity the runs were logged to (advft.tracking.start_wandb uses the same variables)
+    # the project and entity the runs were logged to (advft.engine.record.start_wandb uses the same variables)
     report = wandb_report(sweep, project=os.environ.get("WANDB_PROJECT", "advft"), entity=entity)
     report.save()
     return str(report.url)

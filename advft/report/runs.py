@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from advft.tracking import read_metrics
+from advft.engine.rundir import read_metrics
 
 # statuses in the order they are listed; "missing" = planned in sweep.json, no run folder (never started)
 STATUSES = ("finished", "running", "failed", "missing")

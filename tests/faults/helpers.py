@@ -87,7 +87,7 @@ def wait_for(probe: Callable[[], Any], what: str, timeout_s: float = 180.0, poll
 # ---------------------------------------------------------------- what a run folder says
 
 def train_records(run_dir: Path) -> list[dict[str, Any]]:
-    from advft.tracking import read_metrics
+    from advft.engine.rundir import read_metrics
 
     return [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "train"]
 
@@ -197,7 +197,7 @@ def threads(n: int = THREADS) -> Iterator[None]:
 
 def run_reference(encoder: Path, cache: Path, root: Path) -> dict[str, Any]:
     """The uninterrupted run every trial is compared with."""
-    from advft.train import finetune
+    from advft.fare import finetune
 
     cfg = load_cfg(fault_sets(encoder, cache, root, "reference"))
     t0 = time.monotonic()

@@ -7,11 +7,10 @@
 ARGS are launch/train.py's own arguments (with --sweep: launch/sweep.py's; use ``--cluster debug`` so the
 runs execute in this process, where the fault is armed); its ``main`` runs unchanged, with one of these armed:
 
---nan-at STEP         a transient device fault: the loss of global step STEP (0-based, as in
-                      ``run.fail_at_step``) is made non-finite through the engine's own injection point, but
-                      the run's config (and so its hash and folder) stays the one the user gave. A rerun
-                      without the flag is the same run, as after a flaky GPU. With --nan-in TEXT only runs
-                      whose run.name contains TEXT are hit (one run of a sweep).
+--nan-at STEP         a transient device fault: the loss of global step STEP (0-based) turns NaN before its
+                      backward (:func:`nan_step`), and the run's config (and so its hash and folder) stays
+                      the one the user gave. A rerun without the flag is the same run, as after a flaky GPU.
+                      With --nan-in TEXT only runs whose run.name contains TEXT are hit (one run of a sweep).
 --hold-ckpt S:WINDOW  the save of the checkpoint of step S stops inside its write window until the process is
                       killed: WINDOW ``tmp`` with the temporary data file complete and no checksum yet,
                       ``rename`` with the checksum renamed into place and the data file not yet.
@@ -38,15 +37,32 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def transient_nan(fare_step: Callable[..., Any], at_step: int, when: Callable[[Any], bool] = lambda cfg: True):
-    """``fare_step`` whose call for global step ``at_step`` runs with ``run.fail_at_step = at_step`` (for configs
-    where ``when(cfg)``): the loss turns NaN there, exactly as the engine's injection point does it."""
-    from advft import config as C
+# where each task computes its loss: the function whose result is poisoned (module, name, how)
+_LOSSES: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
+    "FareTask": ("advft.fare.step", "fare_loss", lambda out: {**out, "loss": out["loss"] * float("nan")}),
+    "SimCLRTask": ("advft.simclr.task", "nt_xent_logits", lambda out: (out[0] * float("nan"), out[1])),
+}
 
-    def faulty(m, opt, x, y, step, cfg, **kw):
-        if step == at_step and when(cfg):
-            cfg = C.replace(cfg, **{"run.fail_at_step": at_step})
-        return fare_step(m, opt, x, y, step, cfg, **kw)
+
+def nan_step(task_cls: type, at_step: int, when: Callable[[Any], bool] = lambda cfg: True) -> Callable[..., Any]:
+    """``task_cls.step`` whose call for global step ``at_step`` (for configs where ``when(cfg)``) computes a NaN
+    loss before its backward, so the weights see it too, as after a real device fault. Install it with
+    ``monkeypatch.setattr(task_cls, "step", nan_step(task_cls, k))`` or by assignment in a child process."""
+    import importlib
+
+    step = task_cls.step
+    module, name, poison = _LOSSES[task_cls.__name__]
+    mod = importlib.import_module(module)
+
+    def faulty(self: Any, x: Any, y: Any, s: int) -> Any:
+        if s != at_step or not when(self.cfg):
+            return step(self, x, y, s)
+        loss = getattr(mod, name)
+        setattr(mod, name, lambda *a, **kw: poison(loss(*a, **kw)))
+        try:
+            return step(self, x, y, s)
+        finally:
+            setattr(mod, name, loss)
 
     return faulty
 
@@ -97,29 +113,29 @@ def hold_checkpoint(step: int, window: str) -> None:
 
 
 def hold_train_record(step: int) -> None:
-    from advft import tracking
+    from advft.engine.record import MetricsLog
 
-    log = tracking.MetricsLog.log
+    log = MetricsLog.log
 
     def held_log(self: Any, record: Any) -> None:
         if record.get("kind") == "train" and record.get("step") == step:
             wait_to_be_killed(f"before logging train step {step}")
         log(self, record)
 
-    tracking.MetricsLog.log = held_log
+    MetricsLog.log = held_log
 
 
 def hold_final_results() -> None:
-    from advft import tracking
+    from advft.engine import RunDir
 
-    write_json = tracking.write_json
+    write_results = RunDir.write_results
 
-    def held_write_json(path: Any, obj: Any) -> None:
-        if Path(path).name == "results.json" and isinstance(obj, dict) and obj.get("status") == "finished":
+    def held_write_results(self: Any, results: dict[str, Any]) -> None:
+        if results.get("status") == "finished":
             wait_to_be_killed("after the final evaluation, before results.json says finished")
-        write_json(path, obj)
+        write_results(self, results)
 
-    tracking.write_json = held_write_json
+    RunDir.write_results = held_write_results
 
 
 def enospc_checkpoint(step: int) -> None:
@@ -173,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     rest = a.train_args[1:] if a.train_args[:1] == ["--"] else a.train_args
     sys.path.insert(0, str(ROOT))
     if a.nan_at is not None:
-        import advft.train as T
+        from advft.fare import FareTask
 
-        T.fare_step = transient_nan(T.fare_step, a.nan_at, lambda cfg: a.nan_in in cfg.run.name)
+        FareTask.step = nan_step(FareTask, a.nan_at, lambda cfg: a.nan_in in cfg.run.name)
     if a.hold_ckpt:
         step, _, window = a.hold_ckpt.partition(":")
         hold_checkpoint(int(step), window)

@@ -18,7 +18,8 @@ from typing import Callable
 import pytest
 
 from advft import checkpoint as ckpt
-from advft.train import Interrupted, finetune
+from advft.engine import Interrupted
+from advft.fare import finetune
 from faults import helpers as H
 from faults.inject import ckpt_name
 from faults.record import record

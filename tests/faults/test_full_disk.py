@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from advft import checkpoint as ckpt
-from advft.train import finetune
+from advft.fare import finetune
 from faults import helpers as H
 from faults.inject import ckpt_name
 from faults.record import record

@@ -1,14 +1,14 @@
 """A non-finite loss at a given step: the run stops with one clear error line and exit 3, its last good
 checkpoint intact and results.json saying failed; a sweep marks the run failed and a rerun resubmits it alone.
 
-Which fault, honestly: training is bit-deterministic, so a NaN that comes from the config (a too-large lr,
-``run.fail_at_step``) comes back at the same step on every rerun; only a TRANSIENT fault (a flaky device)
-goes away. The suite therefore injects two kinds:
-  transient   ``tests/faults/inject.py --nan-at K``: the engine's own injection point armed for one process,
-              outside the config, so the rerun is the same run (same hash, same folder); it resumes from the
-              last good checkpoint and ends bit-identical to the uninterrupted run;
-  persistent  ``--set run.fail_at_step=K`` through the real launch/train.py: the rerun resumes from the same
-              good checkpoint, fails again at K with exit 3, and leaves that checkpoint byte-for-byte intact.
+Which fault, honestly: training is bit-deterministic, so a NaN that comes from the config (a too-large lr)
+comes back at the same step on every rerun; only a TRANSIENT fault (a flaky device) goes away. The suite
+injects both with ``tests/faults/inject.py --nan-at K`` (the loss of step K turns NaN in that process,
+outside the config, so a rerun is the same run: same hash, same folder):
+  transient   armed for the first process only: the rerun resumes from the last good checkpoint and ends
+              bit-identical to the uninterrupted run;
+  persistent  armed for the rerun too: it resumes from the same good checkpoint, fails again at K with
+              exit 3, and leaves that checkpoint byte-for-byte intact.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import json
 import random
 
 from advft import checkpoint as ckpt
-from advft.train import finetune
+from advft.fare import finetune
 from faults import helpers as H
 from faults.record import record
 from launch.sweep_state import read_sweep
@@ -66,11 +66,12 @@ def test_transient_nan_exits_3_keeps_the_good_checkpoint_and_a_rerun_ends_identi
 
 
 def test_persistent_nan_fails_again_on_rerun_and_never_touches_the_good_checkpoint(fault_run):
-    cfg, sets = fault_run("nan-persistent", f"run.fail_at_step={K_PERSIST}")
+    cfg, sets = fault_run("nan-persistent")
     run_dir = cfg.run.dir
-    first = H.run_cli(["launch/train.py", *H.train_argv(sets)])
+    faulty = ["tests/faults/inject.py", "--nan-at", str(K_PERSIST), "--", *H.train_argv(sets)]
+    first = H.run_cli(faulty)
     before = digests(run_dir)
-    again = H.run_cli(["launch/train.py", *H.train_argv(sets)])
+    again = H.run_cli(faulty)
     after = digests(run_dir)
     lines = [H.one_error_line(x.stderr) for x in (first, again)]
     resumed = H.starts(run_dir)
@@ -78,7 +79,7 @@ def test_persistent_nan_fails_again_on_rerun_and_never_touches_the_good_checkpoi
     ok = ([first.returncode, again.returncode] == [3, 3] and all(ln and f"step {K_PERSIST};" in ln for ln in lines)
           and before == after and max(int(n[5:13]) for n in before) == g and resumed == [0, g]
           and results(run_dir)["status"] == "failed")
-    record(FAULT, f"persistent, run.fail_at_step={K_PERSIST} (launch/train.py)",
+    record(FAULT, f"persistent, step {K_PERSIST} on every run (launch/train.py)",
            f"exit {first.returncode}, then the rerun resumed from step {resumed[-1]} and failed again at step "
            f"{K_PERSIST} with exit {again.returncode}; checkpoints {sorted(before)} byte-identical before and after",
            ok, f"'{lines[1]}'")

@@ -16,7 +16,8 @@ import signal
 
 import pytest
 
-import advft.train as T
+from advft.engine import Interrupted
+from advft.fare import FareTask, finetune
 from faults import helpers as H
 from faults import hold
 from faults.record import record
@@ -42,13 +43,13 @@ def stop_at(step: int, start: int):
 def step_counter(monkeypatch) -> collections.Counter:
     """How often each global step's training step ran in this process."""
     counts: collections.Counter = collections.Counter()
-    step = T.fare_step
+    step = FareTask.step
 
-    def counted(m, opt, x, y, s, cfg, **kw):
+    def counted(self, x, y, s):
         counts[s] += 1
-        return step(m, opt, x, y, s, cfg, **kw)
+        return step(self, x, y, s)
 
-    monkeypatch.setattr(T, "fare_step", counted)
+    monkeypatch.setattr(FareTask, "step", counted)
     return counts
 
 
@@ -58,12 +59,12 @@ def test_requeue_at_a_step_resumes_bit_identical(stops, fault_run, reference, st
     cfg, _ = fault_run("rq-" + "-".join(map(str, stops)))
     stopped, saved, start = [], [], 0
     for s in stops:
-        with pytest.raises(T.Interrupted) as e:
-            T.finetune(cfg, should_stop=stop_at(s, start))
+        with pytest.raises(Interrupted) as e:
+            finetune(cfg, should_stop=stop_at(s, start))
         start = e.value.step
         stopped.append(start)
         saved.append(H.newest_valid(cfg.run.dir))
-    T.finetune(cfg)
+    finetune(cfg)
     ok, detail = H.compare_to_reference(cfg.run.dir, reference)
     once = dict(step_counter) == {s: 1 for s in range(H.STEPS)}
     resumed = H.starts(cfg.run.dir)
@@ -96,7 +97,7 @@ def test_real_sigusr1_to_launch_train_exits_75_and_the_rerun_is_bit_identical(fa
     m = re.search(r"interrupted: stopped at step (\d+) on request", err)
     stop = int(m.group(1)) if m else -1
     saved = H.newest_valid(cfg.run.dir)
-    T.finetune(cfg)  # the requeued job: the same run, started again
+    finetune(cfg)  # the requeued job: the same run, started again
     ok, detail = H.compare_to_reference(cfg.run.dir, reference)
     resumed = H.starts(cfg.run.dir)
     ok = ok and rc == 75 and stop == after and saved == stop and resumed == [0, stop]

@@ -16,33 +16,11 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+from advft.engine.rundir import RunDir, atomic_write, read_json, read_metrics, write_json  # noqa: F401 (re-exported)
+
 log = logging.getLogger(__name__)
 
 _SECRET_HINTS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_json(path: str | os.PathLike, obj: Any) -> None:
-    _atomic_write(Path(path), json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """All complete records of a metrics.jsonl (a torn last line from a killed writer is ignored)."""
-    p = Path(path)
-    if not p.is_file():
-        return []
-    out = []
-    for line in p.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
 
 
 class MetricsLog:
@@ -55,7 +33,7 @@ class MetricsLog:
     """
 
     def __init__(self, run_dir: Path, resume_step: int, steps: int, initial_done: bool, enabled: bool = True):
-        self.path = run_dir / "metrics.jsonl"
+        self.path = RunDir(run_dir).metrics
         self.enabled = enabled
         if not enabled:
             return
@@ -69,7 +47,7 @@ class MetricsLog:
             return s <= resume_step
 
         kept = [r for r in read_metrics(self.path) if keep(r)]
-        _atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._f = open(self.path, "a")
         self.wandb_run = None
 
@@ -133,13 +111,11 @@ def update_manifest(run_dir: Path, world_size: int, resume_step: int,
                     extra: Mapping[str, Any] | None = None) -> None:
     """Append this start (or restart) to manifest.json: versions, git, host, GPUs, command line, and the
     ``extra`` facts this start resolved on its machine (e.g. ``{"precision": "fp32 (auto)"}``)."""
-    path = run_dir / "manifest.json"
-    manifest: dict[str, Any] = {}
-    if path.is_file():
-        try:
-            manifest = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            manifest = {}
+    path = RunDir(run_dir).manifest
+    try:
+        manifest = read_json(path)
+    except json.JSONDecodeError:
+        manifest = {}
     starts = manifest.get("starts", [])
     starts.append({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "resume_step": resume_step,
                    "world_size": world_size, "argv": [a for a in sys.argv if not _looks_secret(a)],

@@ -1,0 +1,115 @@
+"""The run folder: every file of a run is named, read and written here, each write atomic.
+
+    <run.root>/<run.name>/ config.toml  manifest.json  metrics.jsonl  results.json  checkpoints/  encoder.pt
+
+A reader (the sweep, the report, a resumed run) never sees half a file: each write goes to a temporary
+name in the same folder and is renamed over the old one.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import IO, Any, Callable, Union
+
+Payload = Union[str, bytes, Callable[[IO[bytes]], None]]
+
+
+def atomic_write(path: str | os.PathLike, data: Payload, *, sync: bool = False) -> None:
+    """Write ``data`` (text, bytes, or a function writing to a binary file) to ``path`` via temp + rename.
+
+    ``sync`` fsyncs before the rename, for files that must survive a power cut (model weights). On any
+    error the temporary file is removed and the old file, if any, is untouched.
+    """
+    p = Path(path)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+            if sync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """The object in a JSON file; {} when the file is missing."""
+    p = Path(path)
+    return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """All complete records of a metrics.jsonl (a torn last line from a killed writer is ignored)."""
+    p = Path(path)
+    if not p.is_file():
+        return []
+    out = []
+    for line in p.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+class RunDir:
+    """One run's folder. Only rank 0 writes; every rank may read."""
+
+    CONFIG, MANIFEST, METRICS, RESULTS, CHECKPOINTS, ENCODER = (
+        "config.toml", "manifest.json", "metrics.jsonl", "results.json", "checkpoints", "encoder.pt")
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    config = property(lambda self: self.path / self.CONFIG)
+    manifest = property(lambda self: self.path / self.MANIFEST)
+    metrics = property(lambda self: self.path / self.METRICS)
+    results = property(lambda self: self.path / self.RESULTS)
+    checkpoints = property(lambda self: self.path / self.CHECKPOINTS)
+    encoder = property(lambda self: self.path / self.ENCODER)
+
+    def read_results(self) -> dict[str, Any]:
+        return read_json(self.results)
+
+    def write_results(self, results: dict[str, Any]) -> None:
+        write_json(self.results, results)
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        return read_metrics(self.metrics)
+
+    def status(self) -> str | None:
+        """results.json's status (running | finished | failed), None before the run wrote it."""
+        try:
+            return self.read_results().get("status")
+        except (OSError, ValueError):
+            return None
+
+    def claim(self, cfg: Any, load_config: Callable[[Path], Any], toml: str, is_main: bool) -> None:
+        """Create the folder and write config.toml; refuse a folder that holds a run of a different config.
+
+        ``load_config`` reads an existing config.toml as the same kind of config (its hash is compared);
+        ``toml`` is ``cfg`` as written.
+        """
+        from advft.config import ConfigError  # the engine's one dependency on the config module
+
+        if self.config.is_file():
+            old = load_config(self.config)
+            if old.hash() != cfg.hash():
+                raise ConfigError(f"run folder {self.path} already holds a run with a different config "
+                                  f"(hash {old.hash()} vs {cfg.hash()}); choose another run.name")
+        if is_main:
+            self.path.mkdir(parents=True, exist_ok=True)
+            atomic_write(self.config, toml)
