@@ -88,7 +88,7 @@ class Sections:
     """Base of a whole config (one :class:`Section` per field): plain-data form, hash, field checks."""
 
     # run settings that do not change the result (where it is written, how it is shown)
-    UNHASHED_RUN = ("name", "root", "progress", "wandb")
+    UNHASHED_RUN = ("name", "root", "progress", "wandb", "wandb_artifacts")
     # keys that no longer exist: read from old config.toml files with a warning and dropped, and hashed at their
     # old default so the run folders (named by the hash) of existing sweeps are found again
     REMOVED = {"run": {"fail_at_step": -1}}
@@ -218,6 +218,7 @@ class RunConfig(Section):
     keep_last: int = ranged(3, ge=1)
     # auto: online with a key, else offline (WANDB_MODE wins)
     wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
+    wandb_artifacts: bool = False  # also upload the base encoder and the final weights to wandb (large files)
     progress: bool = True  # tqdm bar on rank 0
 
     @property

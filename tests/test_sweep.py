@@ -236,7 +236,8 @@ def test_a_held_lock_makes_a_second_sweep_wait_then_give_up_without_submitting(m
 
 @pytest.fixture(scope="module")
 def local_sweep(tmp_path_factory, base_encoder, cache):
-    """A 2-point sweep through submitit's local executor, with wandb offline and a planted API key."""
+    """A 2x2 sweep (the design card's two-axis grid) through submitit's local executor, with wandb offline
+    and a planted API key."""
     root = tmp_path_factory.mktemp("local")
     mp = pytest.MonkeyPatch()
     mp.setenv("WANDB_MODE", "offline")
@@ -245,7 +246,8 @@ def local_sweep(tmp_path_factory, base_encoder, cache):
     import launch.cluster as K
 
     mp.setattr(K.shutil, "which", lambda name: None)  # no sbatch: --cluster auto runs locally
-    argv = args_for(root, base_encoder, cache, "--grid", "alpha=0,0.1", "--name", "sw", "--wait",
+    argv = args_for(root, base_encoder, cache, "--grid", "alpha=0,0.1", "--grid", "lr=1e-4,1e-3", "--name", "sw",
+                    "--wait",
                     sets=["run.wandb=auto"])  # the tiny job disables wandb; auto + WANDB_MODE=offline
     from io import StringIO
     from contextlib import redirect_stdout
@@ -263,15 +265,17 @@ def test_local_sweep_runs_records_and_reports(local_sweep):
     d, out = local_sweep["dir"], local_sweep["out"]
     assert local_sweep["rc"] == 0, out
     rec = read_sweep(d)
-    assert rec["cluster"]["kind"] == "local" and rec["grid"] == {"loss.alpha": ["0", "0.1"]}
-    assert sorted(n.rsplit("-", 1)[0] for n in rec["runs"]) == ["alpha=0", "alpha=0.1"]
+    assert rec["cluster"]["kind"] == "local"
+    assert rec["grid"] == {"loss.alpha": ["0", "0.1"], "optim.lr": ["1e-4", "1e-3"]}
+    assert sorted(n.rsplit("-", 1)[0] for n in rec["runs"]) == [
+        "alpha=0,lr=0.0001", "alpha=0,lr=0.001", "alpha=0.1,lr=0.0001", "alpha=0.1,lr=0.001"]
     assert len(rec["submissions"]) == 1
     assert "--grid" in rec["command"] and all(e["job_id"] for e in rec["runs"].values())
     for name, entry in rec["runs"].items():
         res = json.loads((d / name / "results.json").read_text())
         assert res["status"] == "finished" and Path(entry["dir"]) == d / name
         assert res["alpha"] == float(entry["grid"]["loss.alpha"])
-    assert "clean % (initial -> final)" in out and out.count("finished") >= 4
+    assert "clean % (initial -> final)" in out and out.count("finished") >= 8
     assert f"wandb sync {d}/*/wandb/offline-run-*" in out
     # --wait ends with the report of the whole sweep, written into its folder, and says where it is
     assert out.rstrip().splitlines()[-1] == f"report: {d / 'REPORT.md'}"
@@ -280,11 +284,18 @@ def test_local_sweep_runs_records_and_reports(local_sweep):
 
 
 def test_wandb_is_offline_one_run_per_advft_run_and_the_key_is_written_nowhere(local_sweep):
+    from wandb_log import segment
+
     d = local_sweep["dir"]
+    ids = set()
     for name in read_sweep(d)["runs"]:
-        cfg = C.load(d / name / "config.toml")
+        wid = (d / name / "wandb_id").read_text().strip()  # grid names hold ',' and '=': never the id
         offline = list((d / name / "wandb").glob("offline-run-*"))
-        assert len(offline) == 1 and offline[0].name.endswith(f"-{name}-{cfg.hash()}"), offline
+        assert len(offline) == 1 and offline[0].name.endswith(f"-{wid}"), offline
+        run = segment(offline[0])["run"]
+        assert (run.run_id, run.run_group, run.job_type, run.display_name) == (wid, "sw", "finetune", name)
+        ids.add(wid)
+    assert len(ids) == 4
     key = b"advft-test-fake-key-0123456789abcdef0123"
     leaks = [p for p in d.rglob("*") if p.is_file() and key in p.read_bytes()]
     assert not leaks
@@ -297,7 +308,7 @@ def test_rerun_skips_finished_runs_and_resubmits_only_the_failed_one(local_sweep
     monkeypatch.setattr(K.shutil, "which", lambda name: None)
     argv = [a for a in local_sweep["argv"] if a != "--wait"]
     rc, out, _ = run_main(capsys, argv)
-    assert rc == 0 and "nothing to submit" in out and out.count("finished (skipped)") == 2
+    assert rc == 0 and "nothing to submit" in out and out.count("finished (skipped)") == 4
     assert len(read_sweep(d)["submissions"]) == 1
     # make one run fail as the engine records it (a non-finite loss after its last checkpoint)
     failed = sorted(read_sweep(d)["runs"])[0]

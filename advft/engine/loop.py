@@ -20,7 +20,7 @@ from torch import Tensor
 
 from advft import checkpoint as ckpt
 from advft.distributed import make_accelerator, precision_label, run_precision
-from advft.engine.record import MetricsLog, start_wandb, update_manifest
+from advft.engine.record import MetricsLog, finish_wandb, start_wandb, update_manifest
 from advft.engine.errors import Interrupted, NonFiniteLossError, any_rank
 from advft.engine.rundir import RunDir
 
@@ -35,7 +35,7 @@ class Task:
     resume, prepare, then evaluate / step / state as the loop needs them, finish at the end.
     """
 
-    name = "task"  # progress-bar label
+    name = "task"  # progress-bar label and wandb job_type
     wandb_group: str | None = None
     progress_keys: tuple[str, ...] = ("loss",)  # train metrics shown on the progress bar
     opt: torch.optim.Optimizer  # set by build(); its first group's lr is logged
@@ -59,6 +59,10 @@ class Task:
     def outputs_present(self, run: RunDir) -> bool:
         """Whether a run whose results.json says finished also has its outputs (else it runs again)."""
         return True
+
+    def artifacts(self, run: RunDir) -> list[tuple[str, str, Path]]:
+        """(name, type, path) of the files logged to wandb when ``run.wandb_artifacts`` is on."""
+        return []
 
     def load_state(self, state: dict[str, Any]) -> None:
         raise NotImplementedError
@@ -123,8 +127,7 @@ def run(task: Task, *, should_stop: Callable[[], bool] | None = None, accelerato
         update_manifest(rd.path, world, start, {"precision": label})
     metrics = MetricsLog(rd.path, start, steps=steps, initial_done="initial" in results, enabled=is_main)
     if is_main:
-        metrics.wandb_run = start_wandb(rd.path, cfg.run.name + "-" + cfg.hash(), task.wandb_group,
-                                               cfg.to_dict(), cfg.run.wandb)
+        metrics.wandb_run = start_wandb(rd, task.wandb_group, task.name, cfg.to_dict(), cfg.run.wandb)
     task.prepare(acc)
     loop = _Loop(task, acc, rd, metrics, should_stop)
     if start == 0 and "initial" not in results:
@@ -141,14 +144,17 @@ def run(task: Task, *, should_stop: Callable[[], bool] | None = None, accelerato
             rd.write_results(results)
         metrics.close()
         raise
+    except BaseException:  # a stop request or a crash: end the wandb run too, so a resume can start it again
+        metrics.close()
+        raise
     final = loop.evaluate(steps, final=True)
     extra = task.finish(rd, final, is_main)
     if is_main:
         results.update({"status": "finished", "final": final, "steps": steps, "config_hash": cfg.hash(), **extra})
         rd.write_results(results)
         if metrics.wandb_run is not None:
-            metrics.wandb_run.summary.update({f"final/{k}": v for k, v in (final or {}).items()})
-            metrics.wandb_run.finish()
+            finish_wandb(metrics.wandb_run, results, task.artifacts(rd) if cfg.run.wandb_artifacts else [])
+            metrics.wandb_run = None
     metrics.close()
     acc.wait_for_everyone()
     return results

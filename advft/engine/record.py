@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import platform
+import re
 import socket
 import subprocess
 import sys
@@ -58,12 +59,18 @@ class MetricsLog:
         self._f.write(json.dumps(rec) + "\n")
         self._f.flush()
         if self.wandb_run is not None:
+            # no step= : a resumed run re-logs recomputed steps, which wandb would drop below its own counter;
+            # "step" is the x axis of every panel instead (define_metric in start_wandb)
             data = {f"{rec.get('kind', 'train')}/{k}": v for k, v in rec.items() if k not in ("step", "kind")}
-            self.wandb_run.log(data, step=int(rec["step"]))
+            self.wandb_run.log({"step": int(rec["step"]), **data})
 
     def close(self) -> None:
-        if self.enabled:
+        """Close the file; a wandb run still open here ended early (stopped or failed)."""
+        if self.enabled and not self._f.closed:
             self._f.close()
+        if self.enabled and self.wandb_run is not None:
+            self.wandb_run.finish(exit_code=1)
+            self.wandb_run = None
 
 
 # ---- manifest ----
@@ -151,16 +158,48 @@ def wandb_mode(setting: str) -> str:
     return "offline"
 
 
-def start_wandb(run_dir: Path, run_id: str, group: str | None, config: Mapping[str, Any], setting: str):
-    """One wandb run per advft run; id = run id and resume='allow' so a requeued job continues it."""
+def start_wandb(rd: RunDir, group: str | None, job_type: str, config: Mapping[str, Any], setting: str):
+    """One wandb run per run folder: its id is made once and kept in the folder, so a requeued or resumed
+    job continues the same wandb run and another folder (another sweep of the same grid) never does.
+
+    Online start failures (no network, server down) fall back to offline with one warning: the run's own
+    record is metrics.jsonl, wandb only mirrors it.
+    """
     mode = wandb_mode(setting)
     if mode == "disabled":
         return None
     import wandb  # lazy: the library works without it
 
-    (run_dir / "wandb").mkdir(parents=True, exist_ok=True)
-    run = wandb.init(project=os.environ.get("WANDB_PROJECT", "advft"), id=run_id, resume="allow",
-                     group=group, name=run_dir.name, config=dict(config), dir=str(run_dir), mode=mode)
+    (rd.path / "wandb").mkdir(parents=True, exist_ok=True)
+    kw = dict(project=os.environ.get("WANDB_PROJECT", "advft"), id=rd.wandb_id(), resume="allow", group=group,
+              job_type=job_type, name=rd.path.name, config=dict(config), dir=str(rd.path))
+    try:
+        run = wandb.init(mode=mode, **kw)
+    except Exception as e:  # wandb raises several types (CommError, UsageError, timeouts) for the same cause
+        if mode != "online":
+            raise
+        log.warning("wandb could not start online (%s: %s); this run logs to wandb offline instead, "
+                    "upload later with: wandb sync %s", type(e).__name__, str(e).splitlines()[0] if str(e) else "",
+                    rd.path / "wandb" / "offline-run-*")
+        mode = "offline"
+        wandb.teardown()  # the service still holds the failed run's id; a fresh one starts the offline run
+        run = wandb.init(mode=mode, **kw)
+    run.define_metric("step")
+    for kind in ("train", "eval", "eval_final"):
+        run.define_metric(f"{kind}/*", step_metric="step")
     if mode == "offline":
-        log.info("wandb is offline; upload later with: wandb sync %s", run_dir / "wandb")
+        log.info("wandb is offline; upload later with: wandb sync %s", rd.path / "wandb" / "offline-run-*")
     return run
+
+
+def finish_wandb(run: Any, results: Mapping[str, Any], artifacts: list[tuple[str, str, Path]]) -> None:
+    """The run's initial and final numbers into the wandb summary, the asked-for files as artifacts."""
+    import wandb
+
+    for part in ("initial", "final"):
+        run.summary.update({f"{part}/{k}": v for k, v in (results.get(part) or {}).items()})
+    for name, kind, path in artifacts:
+        art = wandb.Artifact(re.sub(r"[^A-Za-z0-9._-]", "_", name), type=kind)  # wandb's artifact-name alphabet
+        art.add_file(str(path))
+        run.log_artifact(art)
+    run.finish()

@@ -1,6 +1,7 @@
 """The run folder: every file of a run is named, read and written here, each write atomic.
 
     <run.root>/<run.name>/ config.toml  manifest.json  metrics.jsonl  results.json  checkpoints/  encoder.pt
+                           wandb_id  wandb/  (the wandb mirror's id and its local files)
 
 A reader (the sweep, the report, a resumed run) never sees half a file: each write goes to a temporary
 name in the same folder and is renamed over the old one.
@@ -9,9 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
+import string
 from pathlib import Path
 from typing import IO, Any, Callable, Union
 
+_WANDB_ID = re.compile(r"[a-z0-9]{8,64}")
 Payload = Union[str, bytes, Callable[[IO[bytes]], None]]
 
 
@@ -65,8 +70,8 @@ def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
 class RunDir:
     """One run's folder. Only rank 0 writes; every rank may read."""
 
-    CONFIG, MANIFEST, METRICS, RESULTS, CHECKPOINTS, ENCODER = (
-        "config.toml", "manifest.json", "metrics.jsonl", "results.json", "checkpoints", "encoder.pt")
+    CONFIG, MANIFEST, METRICS, RESULTS, CHECKPOINTS, ENCODER, WANDB_ID = (
+        "config.toml", "manifest.json", "metrics.jsonl", "results.json", "checkpoints", "encoder.pt", "wandb_id")
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
@@ -80,6 +85,16 @@ class RunDir:
     results = property(lambda self: self.path / self.RESULTS)
     checkpoints = property(lambda self: self.path / self.CHECKPOINTS)
     encoder = property(lambda self: self.path / self.ENCODER)
+
+    def wandb_id(self) -> str:
+        """This folder's wandb run id: made on first use and kept in the folder (lowercase letters and digits,
+        which wandb accepts; grid values such as ``alpha=0,lr=1e-3`` are not)."""
+        p = self.path / self.WANDB_ID
+        if p.is_file() and _WANDB_ID.fullmatch(p.read_text().strip()):
+            return p.read_text().strip()
+        new = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(12))
+        atomic_write(p, new + "\n")
+        return new
 
     def read_results(self) -> dict[str, Any]:
         return read_json(self.results)

@@ -66,6 +66,10 @@ class FareTask(Task):
         self.org_ref = {k: v.clone() for k, v in phi_org.state_dict().items()}  # checked unchanged at the end
         self.opt = build_optimizer(self.phi.parameters(), self.cfg.optim, device)
 
+    def artifacts(self, run: RunDir) -> list[tuple[str, str, Path]]:
+        final = run.checkpoints / f"step_{self.cfg.optim.steps:08d}.pt"
+        return [("base-encoder", "model", Path(self.cfg.model.checkpoint)), (f"{run.path.name}-final", "model", final)]
+
     def load_state(self, state: dict[str, Any]) -> None:
         self.phi.net.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])

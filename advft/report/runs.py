@@ -20,7 +20,8 @@ from advft.engine.rundir import read_metrics
 # statuses in the order they are listed; "missing" = planned in sweep.json, no run folder (never started)
 STATUSES = ("finished", "running", "failed", "missing")
 # config keys that never make two runs different experiments (names, places, seeds, logging chrome)
-_NOT_A_SETTING = {"run.name", "run.root", "run.seed", "run.progress", "run.wandb", "loss.alpha", "optim.lr"}
+_NOT_A_SETTING = {"run.name", "run.root", "run.seed", "run.progress", "run.wandb", "run.wandb_artifacts",
+                  "loss.alpha", "optim.lr"}
 _RUN_FILES = ("config.toml", "metrics.jsonl", "results.json")
 
 

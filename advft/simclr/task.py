@@ -86,6 +86,9 @@ class SimCLRTask(Task):
     def outputs_present(self, run: RunDir) -> bool:
         return run.encoder.is_file()
 
+    def artifacts(self, run: RunDir) -> list[tuple[str, str, Path]]:
+        return [(f"{run.path.name}-encoder", "model", run.encoder)]
+
     def load_state(self, state: dict[str, Any]) -> None:
         self.net.encoder.net.load_state_dict(state["model"])
         self.net.head.load_state_dict(state["head"])
