@@ -219,7 +219,7 @@ class RunConfig(Section):
     # auto: online with a key, else offline (WANDB_MODE wins)
     wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
     wandb_artifacts: bool = False  # also upload the base encoder and the final weights to wandb (large files)
-    progress: bool = True  # tqdm bar on rank 0
+    progress: bool = True  # rank 0: a tqdm bar on a terminal, else a log line per log step and per evaluation
 
     @property
     def dir(self) -> Path:

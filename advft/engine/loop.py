@@ -22,6 +22,7 @@ from advft import checkpoint as ckpt
 from advft.distributed import make_accelerator, precision_label, run_precision
 from advft.engine.record import MetricsLog, finish_wandb, start_wandb, update_manifest
 from advft.engine.errors import Interrupted, NonFiniteLossError, any_rank
+from advft.engine.progress import Progress, eval_line
 from advft.engine.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,8 @@ class _Loop:
         if self.acc.is_main_process:
             for kind, res in self.task.evaluate(step, final):
                 self.metrics.log({"step": step, "kind": kind, **res})
+                if self.run.progress:
+                    log.info(eval_line(f"{self.task.name} {self.run.name}", step, kind, res))
         self.acc.wait_for_everyone()
         return res
 
@@ -196,11 +199,8 @@ class _Loop:
         steps, world = cfg.optim.steps, acc.num_processes
         sums: dict[str, Tensor] = {}
         n_sum, t_last = 0, time.perf_counter()
-        pbar = None
-        if acc.is_main_process and run.progress:
-            from tqdm import tqdm
-
-            pbar = tqdm(total=steps, initial=start, desc=f"{task.name} {run.name}", dynamic_ncols=True)
+        shown = Progress(f"{task.name} {run.name}", task.progress_keys, steps, start, cfg.data.batch_size,
+                         enabled=acc.is_main_process and run.progress)
         try:
             for step in range(start, steps):
                 x, y = next(loader)
@@ -214,8 +214,7 @@ class _Loop:
                     sums[k] = sums.get(k, 0) + v.detach().float()
                 n_sum += 1
                 done = step + 1
-                if pbar is not None:
-                    pbar.update(1)
+                shown.update()
                 if done % run.log_every == 0 or done == steps:
                     self.check_finite()
                     if world > 1:  # mean of the logged metrics over ranks (one small all-reduce per log step)
@@ -224,8 +223,7 @@ class _Loop:
                            "img_per_s": n_sum * cfg.data.batch_size / max(time.perf_counter() - t_last, 1e-9),
                            **{k: float(v) / n_sum for k, v in sums.items()}}
                     self.metrics.log(rec)
-                    if pbar is not None:
-                        pbar.set_postfix({k: f"{rec[k]:.4g}" for k in task.progress_keys if k in rec})
+                    shown.logged(rec)
                     sums, n_sum, t_last = {}, 0, time.perf_counter()
                 # order matters for exact resume: records of a step are written before its checkpoint
                 if cfg.eval.every and done % cfg.eval.every == 0 and done != steps:
@@ -240,5 +238,4 @@ class _Loop:
                     raise Interrupted(done)
             self.save(steps)
         finally:
-            if pbar is not None:
-                pbar.close()
+            shown.close()
