@@ -462,8 +462,16 @@ def validate(cfg: Config, world_size: int = 1, check_paths: bool = True, checkpo
             _need(not value or not Path(value).is_dir(), f"{key}: {value} is a directory; give the checkpoint file")
             if key == "model.checkpoint" and checkpoint_made and not Path(value).is_file():
                 continue
-            _need(not value or Path(value).is_file(), f"{key}: {value} does not exist")
+            _need(not value or Path(value).is_file(), f"{key}: {value} {not_a_file(value)}")
     return cfg
+
+
+def not_a_file(path: str | os.PathLike) -> str:
+    """Why ``path`` is no regular file, for an error message: missing, or there but a FIFO, device, socket."""
+    p = Path(path)
+    if not p.exists():
+        return "does not exist"
+    return "is not a regular file (a FIFO, device or socket?); give the checkpoint file"
 
 
 def resolve_job(path: str | os.PathLike) -> Path:

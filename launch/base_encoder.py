@@ -45,6 +45,8 @@ def validate(cfg: C.Config, world_size: int = 1, made_here: bool = False) -> C.C
         return cfg
     pretrain_job(cfg)
     ck = cfg.model.checkpoint
+    if not made_here and Path(ck).exists() and not Path(ck).is_file():
+        raise C.ConfigError(f"model.checkpoint: {ck} {C.not_a_file(ck)}")
     if not made_here and not Path(ck).is_file():
         raise C.ConfigError(f"model.checkpoint: {ck} does not exist yet; it is made by the pretraining job "
                             f"model.pretrain = {cfg.model.pretrain}: run python launch/pretrain.py "

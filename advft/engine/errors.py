@@ -7,9 +7,16 @@ import torch
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN/inf; the run stops and its last good checkpoint stays."""
 
-    def __init__(self, step: int):
-        super().__init__(f"non-finite loss at step {step}; stopped without saving; the last good checkpoint "
-                         f"is kept and a rerun resumes from it")
+    def __init__(self, step: int, last_good: int | None = -1):
+        """``last_good``: the step of the newest checkpoint (None: none was written; -1: not known)."""
+        if last_good is None:
+            after = ("no checkpoint was written before it, so there is nothing to resume from: a rerun starts "
+                     "over; look for non-finite values in model.checkpoint or the data, or lower optim.lr")
+        elif last_good < 0:
+            after = "the last good checkpoint is kept and a rerun resumes from it"
+        else:
+            after = f"the last good checkpoint (step {last_good}) is kept and a rerun resumes from it"
+        super().__init__(f"non-finite loss at step {step}; stopped without saving; {after}")
         self.step = step
 
 

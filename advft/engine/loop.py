@@ -185,7 +185,7 @@ class _Loop:
 
     def check_finite(self) -> None:
         if bool(self.bad):  # host sync, only at log/checkpoint steps
-            raise NonFiniteLossError(int(self.first_bad))
+            raise NonFiniteLossError(int(self.first_bad), self.last_saved)
 
     def save(self, step: int) -> None:
         self.check_finite()  # never checkpoint weights that saw a non-finite loss
@@ -193,10 +193,12 @@ class _Loop:
             state = {**self.task.state(), "step": step, "rng": ckpt.rng_state(), "config": self.task.cfg.to_dict()}
             ckpt.save(self.rd.path, step, state, keep_last=self.run.keep_last)
         self.acc.wait_for_everyone()
+        self.last_saved = step
 
     def train(self, loader: Any, start: int) -> None:
         cfg, run, task, acc = self.task.cfg, self.run, self.task, self.acc
         steps, world = cfg.optim.steps, acc.num_processes
+        self.last_saved: int | None = start or None  # a resumed run starts from its checkpoint at `start`
         sums: dict[str, Tensor] = {}
         n_sum, t_last = 0, time.perf_counter()
         shown = Progress(f"{task.name} {run.name}", task.progress_keys, steps, start, cfg.data.batch_size,

@@ -9,6 +9,7 @@ name in the same folder and is renamed over the old one.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import secrets
@@ -16,6 +17,7 @@ import string
 from pathlib import Path
 from typing import IO, Any, Callable, Union
 
+log = logging.getLogger(__name__)
 _WANDB_ID = re.compile(r"[a-z0-9]{8,64}")
 Payload = Union[str, bytes, Callable[[IO[bytes]], None]]
 
@@ -48,22 +50,49 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def read_json(path: str | os.PathLike) -> dict[str, Any]:
-    """The object in a JSON file; {} when the file is missing."""
+    """The object in a JSON file; {} when the file is missing, and {} with a warning naming the file and line
+    when it is not a JSON object (a hand edit, a foreign tool): a run's checkpoints, not this file, say where
+    it is, so a damaged file must not stop it from resuming."""
     p = Path(path)
-    return json.loads(p.read_text()) if p.is_file() else {}
+    if not p.is_file():
+        return {}
+    try:
+        obj = json.loads(p.read_text())
+    except UnicodeDecodeError:
+        log.warning("%s: not UTF-8 text; ignored", p)
+        return {}
+    except json.JSONDecodeError as e:
+        log.warning("%s line %d: not valid JSON (%s); ignored", p, e.lineno, e.msg)
+        return {}
+    if not isinstance(obj, dict):
+        log.warning("%s line 1: a JSON %s, not an object; ignored", p, type(obj).__name__)
+        return {}
+    return obj
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """All complete records of a metrics.jsonl (a torn last line from a killed writer is ignored)."""
+    """All records (JSON objects) of a metrics.jsonl. Other lines are skipped with a warning naming the file
+    and line; a torn last line (a writer killed mid-line) too, as such."""
     p = Path(path)
     if not p.is_file():
         return []
+    text = p.read_text(errors="replace")
+    lines = text.splitlines()
     out = []
-    for line in p.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
             continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            torn = n == len(lines) and not text.endswith("\n")
+            log.warning("%s line %d: %s; skipped", p, n,
+                        "torn last line (its writer was stopped mid-line)" if torn else "not valid JSON")
+            continue
+        if not isinstance(rec, dict):
+            log.warning("%s line %d: a JSON %s, not an object; skipped", p, n, type(rec).__name__)
+            continue
+        out.append(rec)
     return out
 
 

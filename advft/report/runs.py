@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from advft.engine.rundir import read_metrics
+from advft.engine.rundir import read_json, read_metrics
 
 # statuses in the order they are listed; "missing" = planned in sweep.json, no run folder (never started)
 STATUSES = ("finished", "running", "failed", "missing")
@@ -71,10 +71,9 @@ def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        obj = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return read_json(path)  # a file that is not a JSON object: {} and a warning naming it
+    except OSError:
         return {}
-    return obj if isinstance(obj, dict) else {}
 
 
 def _read_config(run_dir: Path) -> dict[str, Any]:
@@ -132,6 +131,10 @@ def _load_run(name: str, run_dir: Path, planned: Mapping[str, Any] | None) -> Ru
     final = results.get("final") or {}
     if not final and status == "finished" and finals and finals[-1].get("step", 0) > 0:
         final = finals[-1]
+    error = str(results.get("error", ""))
+    unfinite = sorted(k for k, v in final.items() if isinstance(v, float) and not math.isfinite(v))
+    if status == "finished" and unfinite:  # NaN accuracies are no result: the run failed, whatever it says
+        status, error = "failed", f"final {', '.join(unfinite)} not finite ({run_dir / 'results.json'})"
     alpha = config.get("loss.alpha", results.get("alpha"))
     lr = config.get("optim.lr", results.get("lr"))
     seed = config.get("run.seed")
@@ -142,7 +145,7 @@ def _load_run(name: str, run_dir: Path, planned: Mapping[str, Any] | None) -> Ru
                seed=int(seed) if isinstance(seed, (int, float)) else None, setting="",
                steps=int(steps) if isinstance(steps, (int, float)) else None,
                last_step=max((int(r["step"]) for r in train), default=0), train=train, evals=evals,
-               initial=initial, final=final, error=str(results.get("error", "")),
+               initial=initial, final=final, error=error,
                manifest=_read_json(run_dir / "manifest.json"), config=config)
 
 

@@ -19,6 +19,7 @@ Outputs besides the engine's record: ``encoder.pt`` (advft-encoder format, read 
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,6 +38,7 @@ from advft.simclr.loss import gather_views, nt_xent_logits
 from advft.simclr.model import build_optimizer, build_simclr, save_encoder
 
 ENCODER_FILE = RunDir.ENCODER
+log = logging.getLogger(__name__)
 
 
 def probe_accuracy(encoder: nn.Module, probe_data: Callable, test_data: Callable, *, device: torch.device,
@@ -84,7 +86,16 @@ class SimCLRTask(Task):
         self.opt = build_optimizer(self.net, cfg.optim, device)
 
     def outputs_present(self, run: RunDir) -> bool:
-        return run.encoder.is_file()
+        """encoder.pt is there and loads (a truncated or damaged file is made again from the last checkpoint)."""
+        if not run.encoder.is_file():
+            return False
+        try:
+            torch.load(run.encoder, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError... for a damaged file
+            log.warning("%s is unreadable (%s: %s); making it again from the run's last checkpoint", run.encoder,
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            return False
+        return True
 
     def artifacts(self, run: RunDir) -> list[tuple[str, str, Path]]:
         return [(f"{run.path.name}-encoder", "model", run.encoder)]
