@@ -69,7 +69,7 @@ precision = "fp32"
 channels_last = false
 log_every = 2
 ckpt_every = 2
-wandb = "disabled"
+wandb = "auto"
 progress = false
 """
 
@@ -226,16 +226,22 @@ def test_dry_run_shows_the_pretraining_and_the_dependency_and_writes_nothing(tmp
 
 @pytest.fixture(scope="module")
 def local_sweep(tmp_path_factory, cache):
-    """Two runs whose base encoder a pretraining makes: one local sweep with --wait."""
+    """Two runs whose base encoder a pretraining makes: one local sweep with --wait, wandb offline."""
     tmp = tmp_path_factory.mktemp("local")
     job, enc = write_pretrain_job(tmp / "jobs", cache)
-    argv = sweep_args(tmp / "runs", job, enc, cache, "--cluster", "local", "--grid", "alpha=0,0.1", "--name", "sw")
+    argv = sweep_args(tmp / "runs", job, enc, cache, "--cluster", "local", "--grid", "alpha=0,0.1", "--name", "sw",
+                      sets=("run.wandb=auto",))
     from contextlib import redirect_stderr, redirect_stdout
     from io import StringIO
 
     out, err = StringIO(), StringIO()
-    with redirect_stdout(out), redirect_stderr(err):
-        rc = S.main([*argv, "--wait"])
+    mp = pytest.MonkeyPatch()
+    mp.setenv("WANDB_MODE", "offline")
+    try:
+        with redirect_stdout(out), redirect_stderr(err):
+            rc = S.main([*argv, "--wait"])
+    finally:
+        mp.undo()
     return {"dir": tmp / "runs" / "sw", "job": job, "enc": enc, "argv": argv, "rc": rc, "out": out.getvalue(),
             "err": err.getvalue()}
 
@@ -265,6 +271,19 @@ def test_local_sweep_pretrains_once_then_runs_the_grid(local_sweep):
     assert out.rstrip().splitlines()[-1] == f"report: {d / 'REPORT.md'}"
     report = (d / "REPORT.md").read_text()
     assert all(f"`{name}`" in report for name in rec["runs"]) and "- runs: 2: 2 finished" in report
+
+
+def test_the_pretraining_and_the_runs_mirror_to_wandb_with_their_job_types(local_sweep):
+    from wandb_log import segment
+
+    enc = local_sweep["enc"]
+    kinds = {}
+    for folder in [enc.parent, *(p for p in local_sweep["dir"].iterdir() if (p / "config.toml").is_file())]:
+        seg, = (folder / "wandb").glob("offline-run-*")
+        run = segment(seg)["run"]
+        assert run.run_id == (folder / "wandb_id").read_text().strip()
+        kinds[folder.name] = run.job_type
+    assert kinds.pop("tiny_pretrain") == "pretrain" and sorted(kinds.values()) == ["finetune", "finetune"]
 
 
 def test_a_second_sweep_submits_nothing_and_does_not_pretrain_again(local_sweep, capsys):
