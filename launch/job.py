@@ -129,6 +129,21 @@ def setup_distributed() -> submitit.JobEnvironment:
 
     env = submitit.JobEnvironment()
     submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    if env.cluster == "slurm":  # submitit names the head by its node name, which need not resolve
+        os.environ["MASTER_ADDR"] = slurm_node_address(os.environ["MASTER_ADDR"])
     if not torch.cuda.is_available():
         os.environ["ACCELERATE_USE_CPU"] = "1"
     return env
+
+
+def slurm_node_address(node: str) -> str:
+    """The address SLURM itself uses to reach ``node`` (its NodeAddr); the name where scontrol cannot say."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["scontrol", "-o", "show", "node", node], capture_output=True, text=True,
+                             timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return node
+    addr = next((f.split("=", 1)[1] for f in out.split() if f.startswith("NodeAddr=")), "")
+    return addr or node

@@ -125,6 +125,8 @@ def slurm_parameters(p: Profile, setup: list[str] | None = None) -> dict[str, An
         "nodes": p.nodes, "ntasks_per_node": p.tasks, "cpus_per_task": p.cpus_per_task,
         "mem": f"{p.mem_gb}GB", "time": p.timeout_min, "signal_delay_s": p.signal_delay_s,
         "array_parallelism": p.array_parallelism, "setup": [*p.setup, *(setup or [])],
+        # srun does not inherit --cpus-per-task (Slurm >= 22.05): where tasks are bound, it would get one core
+        "srun_args": [f"--cpus-per-task={p.cpus_per_task}"],
     }
     if p.gpus_per_node:
         params["gpus_per_node"] = p.gpus_per_node

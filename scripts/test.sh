@@ -10,10 +10,13 @@ if ! command -v shellcheck >/dev/null; then  # the sbatch scripts are linted by 
 fi
 started_slurm=0
 if [ "${ADVFT_SKIP_SLURM:-0}" != "1" ]; then
-  # start the local one-node cluster unless one is already running (then leave it running afterwards)
+  # the local two-node cluster the SLURM tests need (tests/test_sbatch.py runs a job over both nodes); one
+  # already running is left running afterwards (`up --nodes 2` reconfigures it if it has another node count)
   if bash slurm/local-cluster.sh status >/dev/null 2>&1; then
     echo "[test] local SLURM cluster already running" >&2
-  elif bash slurm/local-cluster.sh up >/dev/null; then
+    bash slurm/local-cluster.sh up --nodes 2 >/dev/null \
+      || echo "[test] could not make the running SLURM cluster two nodes (SLURM tests will fail)" >&2
+  elif bash slurm/local-cluster.sh up --nodes 2 >/dev/null; then
     started_slurm=1
   else
     echo "[test] local SLURM cluster failed to start (SLURM tests will fail under ADVFT_REQUIRE_SLURM=1)" >&2

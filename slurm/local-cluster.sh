@@ -1,11 +1,20 @@
 #!/usr/bin/env bash
-# A real one-node SLURM cluster on this machine, for testing the sweep launcher:
-# munged, mariadbd, slurmdbd, slurmctld and slurmd, all configured and owned by a state
-# directory, so that the machine's own SLURM setup (if any) is never touched.
+# A real SLURM cluster of one or more nodes on this machine, for testing the sweep launcher and the
+# multi-node sbatch scripts: munged, mariadbd, slurmdbd, slurmctld and one slurmd per node, all
+# configured and owned by a state directory, so that the machine's own SLURM setup (if any) is never
+# touched.
 #
-#   bash slurm/local-cluster.sh up            install what is missing, start, wait for an idle node
+#   bash slurm/local-cluster.sh up [--nodes N] install what is missing, start, wait for idle nodes
+#                                             (N nodes, default 1; a running cluster of another size
+#                                             is reconfigured: its jobs are cancelled)
 #   bash slurm/local-cluster.sh down [--purge] cancel our jobs, stop what `up` started (--purge: delete the state)
 #   bash slurm/local-cluster.sh status        our daemons, sinfo, squeue; exit 0 only when all run
+#
+# The nodes are called n1, n2, ... (names that resolve nowhere, as on clusters whose node names are
+# not host names: whatever connects to a node must use its NodeAddr, 127.0.0.1 here). Each runs its own
+# slurmd (`slurmd -N nI`, its own port; spool, pid and log files named by %n) and advertises all of this
+# machine's CPUs. Partition debug (the default) spans every node; low and high hold n1 only, so that a
+# high job can only run by preempting a low one.
 #
 # `up` prints `export SLURM_CONF=...` on stdout (progress goes to stderr), so
 #   eval "$(bash slurm/local-cluster.sh up)"
@@ -14,7 +23,8 @@
 #
 # Environment:
 #   ADVFT_SLURM_STATE      state directory (config, pid files, logs, spool, database) [/var/lib/advft-slurm]
-#   ADVFT_SLURM_PORT_BASE  first of four TCP ports: slurmctld, slurmd, slurmdbd, mariadbd [16817]
+#   ADVFT_SLURM_PORT_BASE  first of the TCP ports: slurmctld, slurmd of n1, slurmdbd, mariadbd, then
+#                          the slurmd of n2, n3, ... [16817]
 #   ADVFT_SLURM_TIMEOUT    seconds to wait for each daemon and for the idle node [90]
 set -euo pipefail
 
@@ -24,10 +34,10 @@ PORT_BASE=${ADVFT_SLURM_PORT_BASE:-16817}
 TIMEOUT=${ADVFT_SLURM_TIMEOUT:-90}
 
 CLUSTER=advft
-NODE=localhost
+HOST=localhost  # the controller's and slurmdbd's host name
 PACKAGES=(slurmctld slurmd slurm-client munge slurmdbd mariadb-server-core mariadb-client-core)
-# Start order; `down` stops them in reverse.
-DAEMONS=(munged mariadbd slurmdbd slurmctld slurmd)
+# Start order; `down` stops them in reverse, then the node daemons (slurmd-n1, ...; process name slurmd).
+DAEMONS=(munged mariadbd slurmdbd slurmctld)
 
 # Ports next to, not on, SLURM's defaults (6817-6819) and MariaDB's (3306): a real cluster's
 # daemons or a system database on this machine keep theirs.
@@ -35,6 +45,9 @@ CTLD_PORT=$PORT_BASE
 SLURMD_PORT=$((PORT_BASE + 1))
 DBD_PORT=$((PORT_BASE + 2))
 DB_PORT=$((PORT_BASE + 3))
+node_port() { # I -> the port of node nI's slurmd
+    if (($1 == 1)); then echo "$SLURMD_PORT"; else echo $((PORT_BASE + 2 + $1)); fi
+}
 
 ETC=$STATE/etc
 RUN=$STATE/run
@@ -45,6 +58,7 @@ MUNGE_DIR=$STATE/munge
 MUNGE_SOCKET=$MUNGE_DIR/munge.socket
 DB_SOCKET=$RUN/mariadb.sock
 MARKER=$STATE/.advft-slurm
+NODES_FILE=$ETC/nodes  # the node count of the config in $ETC
 export SLURM_CONF=$ETC/slurm.conf
 
 say() { echo "local-cluster: $*" >&2; }
@@ -52,13 +66,13 @@ die() { say "error: $*"; exit 1; }
 
 # --- daemons and their pid files --------------------------------------------------------------
 
-pid_of() { # NAME -> the pid `up` recorded for NAME, if that process is still NAME
+pid_of() { # NAME -> the pid `up` recorded for NAME, if that process is still NAME (slurmd-nI: slurmd)
     local file=$RUN/$1.pid pid
     [[ -r $file ]] || return 1
     pid=$(<"$file")
     [[ $pid =~ ^[0-9]+$ ]] || return 1
     # The name check guards against killing an unrelated process that reused an old pid.
-    [[ -r /proc/$pid/comm && $(<"/proc/$pid/comm") == "$1" ]] || return 1
+    [[ -r /proc/$pid/comm && $(<"/proc/$pid/comm") == "${1%%-*}" ]] || return 1
     # A zombie has exited but keeps its /proc entry until init reaps it, which can take seconds.
     local stat
     stat=$(< "/proc/$pid/stat") 2> /dev/null || return 1
@@ -69,15 +83,38 @@ pid_of() { # NAME -> the pid `up` recorded for NAME, if that process is still NA
 
 running() { pid_of "$1" > /dev/null; }
 
+configured_nodes() { # the node count of the current config (0: none, or one older than node counts)
+    if [[ -r $NODES_FILE ]]; then cat "$NODES_FILE"; else echo 0; fi
+}
+
+node_names() { # N -> n1 ... nN
+    local i
+    for ((i = 1; i <= $1; i++)); do echo "n$i"; done
+}
+
+node_daemons() { # the slurmd of every node that has a pid file (whatever the config says now)
+    local f
+    for f in "$RUN"/slurmd*.pid; do
+        [[ -e $f && $f != *.self.pid ]] && basename "$f" .pid
+    done
+    return 0
+}
+
+all_daemons() { # every daemon of a cluster of N nodes, in start order
+    local n
+    printf '%s\n' "${DAEMONS[@]}"
+    for n in $(node_names "$1"); do echo "slurmd-$n"; done
+}
+
 any_running() {
     local d
-    for d in "${DAEMONS[@]}"; do running "$d" && return 0; done
+    for d in "${DAEMONS[@]}" $(node_daemons); do running "$d" && return 0; done
     return 1
 }
 
-all_running() {
+all_running() { # N: every daemon of a cluster of N nodes runs
     local d
-    for d in "${DAEMONS[@]}"; do running "$d" || return 1; done
+    for d in $(all_daemons "$1"); do running "$d" || return 1; done
     return 0
 }
 
@@ -99,7 +136,7 @@ start() { # NAME COMMAND...: run COMMAND in the foreground of its own session, i
 
 show_logs() { # the tail of each daemon's log, and of its stderr where that says something else
     local d out_last
-    for d in "${DAEMONS[@]}"; do
+    for d in "${DAEMONS[@]}" $(node_daemons); do
         if [[ -s $LOGS/$d.log ]]; then
             echo "----- $LOGS/$d.log (last lines)" >&2
             tail -n 15 "$LOGS/$d.log" >&2
@@ -206,25 +243,36 @@ render() { # TEMPLATE OUT NAME=VALUE...: write TEMPLATE to OUT with each @NAME@ 
     printf '%s\n' "$text" > "$out"
 }
 
-write_config() {
+write_config() { # N: a cluster of N nodes
+    local nodes=$1 n i lines=""
     probe_node
     # A job that asks for no memory gets this much per CPU; small enough that every CPU of the
     # node can hold such a job.
     local def_mem=$((NODE_MEM / NODE_CPUS < 2000 ? NODE_MEM / NODE_CPUS : 2000))
-    local common=(STATE="$STATE" NODE="$NODE" MUNGE_SOCKET="$MUNGE_SOCKET" DBD_PORT="$DBD_PORT")
+    # Flat (one socket, one thread per core, every CPU a core): see the template.
+    for ((i = 1; i <= nodes; i++)); do
+        n=n$i
+        lines+="NodeName=$n NodeAddr=127.0.0.1 Port=$(node_port "$i") CPUs=$NODE_CPUS Sockets=1 "
+        lines+="CoresPerSocket=$NODE_CPUS ThreadsPerCore=1 RealMemory=$NODE_MEM State=UNKNOWN"$'\n'
+        mkdir -p "$SPOOL/slurmd-$n"
+    done
+    local all
+    all=$(node_names "$nodes" | paste -sd,)
+    local common=(STATE="$STATE" HOST="$HOST" MUNGE_SOCKET="$MUNGE_SOCKET" DBD_PORT="$DBD_PORT")
     render "$TEMPLATES/slurm.conf.in" "$ETC/slurm.conf" "${common[@]}" CLUSTER="$CLUSTER" \
-        CTLD_PORT="$CTLD_PORT" SLURMD_PORT="$SLURMD_PORT" CPUS="$NODE_CPUS" REAL_MEMORY="$NODE_MEM" \
-        DEF_MEM_PER_CPU="$def_mem"
+        CTLD_PORT="$CTLD_PORT" SLURMD_PORT="$SLURMD_PORT" DEF_MEM_PER_CPU="$def_mem" \
+        NODE_LINES="${lines%$'\n'}" ALL_NODES="$all" FIRST_NODE=n1
     (umask 077 && render "$TEMPLATES/slurmdbd.conf.in" "$ETC/slurmdbd.conf" "${common[@]}" \
         DB_PORT="$DB_PORT" DB_PASSWORD="$(db_password)")
     chmod 600 "$ETC/slurmdbd.conf"
+    echo "$nodes" > "$NODES_FILE"
     echo "export SLURM_CONF=$SLURM_CONF" > "$STATE/env.sh"
 }
 
 prepare_state() {
     # The munge socket path must fit a sockaddr_un (108 bytes).
     ((${#MUNGE_SOCKET} < 100)) || die "state directory path too long for a unix socket: $STATE"
-    mkdir -p "$STATE" "$ETC" "$RUN" "$LOGS" "$SPOOL/slurmctld" "$SPOOL/slurmd" "$MUNGE_DIR"
+    mkdir -p "$STATE" "$ETC" "$RUN" "$LOGS" "$SPOOL/slurmctld" "$MUNGE_DIR"
     touch "$MARKER"
     # munged runs as user munge and refuses a key or log that others could touch, and a socket
     # that others could not reach: the directory is theirs to traverse, not to list or write.
@@ -246,7 +294,7 @@ dbd_answers() { sacctmgr -n list cluster format=cluster; }
 ctld_answers() { scontrol ping | grep -q UP; }
 # Idle on a fresh start; mixed or allocated when jobs kept running across a partial restart.
 # (A suffix such as idle* would mean the node is not responding.)
-node_ready() { [[ $(sinfo -h -n "$NODE" -p debug -o %T) =~ ^(idle|mixed|allocated)$ ]]; }
+node_ready() { [[ $(sinfo -h -n "$1" -p debug -o %T) =~ ^(idle|mixed|allocated)$ ]]; }
 sacct_works() { sacct -n -X -S now; }
 
 start_munged() {
@@ -299,10 +347,19 @@ start_slurmctld() {
     wait_until slurmctld "slurmctld to answer on port $CTLD_PORT" ctld_answers
 }
 
-start_slurmd() {
-    # -N: the node is called localhost here, whatever this machine's hostname is.
-    running slurmd || start slurmd slurmd -D -f "$SLURM_CONF" -N "$NODE"
-    wait_until slurmd "node $NODE to come up" node_ready
+start_slurmds() { # N: one slurmd per node; -N names the node it serves, whatever this machine's hostname is
+    local n
+    for n in $(node_names "$1"); do
+        running "slurmd-$n" || start "slurmd-$n" slurmd -D -f "$SLURM_CONF" -N "$n"
+    done
+    for n in $(node_names "$1"); do
+        wait_until "slurmd-$n" "node $n to come up" node_ready "$n"
+    done
+}
+
+nodes_ready() { # N
+    local n
+    for n in $(node_names "$1"); do node_ready "$n" || return 1; done
 }
 
 lock_state() {
@@ -312,33 +369,50 @@ lock_state() {
     flock -w "$TIMEOUT" 9 || die "another local-cluster.sh holds $STATE/.lock"
 }
 
-already_up() {
-    all_running && node_ready > /dev/null 2>&1 || return 1
-    say "already running (state in $STATE)"
+already_up() { # N
+    [[ $(configured_nodes) == "$1" ]] && all_running "$1" && nodes_ready "$1" > /dev/null 2>&1 || return 1
+    say "already running with $1 node(s) (state in $STATE)"
     echo "export SLURM_CONF=$SLURM_CONF"
 }
 
 cmd_up() {
-    already_up && return 0
+    local nodes=1
+    while (($#)); do
+        case $1 in
+            --nodes) nodes=${2:-}; shift 2 || die "--nodes needs a number" ;;
+            --nodes=*) nodes=${1#--nodes=}; shift ;;
+            *) die "up takes only --nodes N, not $1" ;;
+        esac
+    done
+    [[ $nodes =~ ^[1-9][0-9]?$ ]] || die "--nodes $nodes: give a node count from 1 to 99"
+    already_up "$nodes" && return 0
     ((EUID == 0)) || die "run as root: the daemons run as root (and munged as user munge)"
     local t0=$SECONDS
     lock_state
     # Another `up` may have brought the cluster up while this one waited for the lock.
-    already_up && return 0
+    already_up "$nodes" && return 0
     install_packages
     prepare_state
-    if any_running; then
+    if any_running && [[ $(configured_nodes) == "$nodes" ]]; then
         say "some daemons are running; keeping their config and starting the others"
     else
-        write_config
+        if any_running; then
+            # Another node count: the controller and the node daemons restart with the new config; the
+            # controller keeps its state (job ids go on counting, so accounting never sees one twice).
+            say "running with $(configured_nodes) node(s); reconfiguring for $nodes (cancelling jobs)"
+            running slurmctld && cancel_jobs
+            local d
+            for d in $(node_daemons) slurmctld; do stop "$d"; done
+        fi
+        write_config "$nodes"
     fi
     start_munged
     start_mariadbd
     start_slurmdbd
     start_slurmctld
-    start_slurmd
+    start_slurmds "$nodes"
     wait_until slurmdbd "sacct to answer" sacct_works
-    say "up in $((SECONDS - t0)) s: node $NODE $(sinfo -h -n "$NODE" -p debug -o %T), partitions debug (default), low, high"
+    say "up in $((SECONDS - t0)) s: nodes $(node_names "$nodes" | paste -sd' ') $(sinfo -h -p debug -o %T | sort -u | paste -sd/), partitions debug (default, every node), low and high (n1)"
     say "state, config and logs in $STATE; stop with: ${ADVFT_SLURM_STATE:+ADVFT_SLURM_STATE=$STATE }bash $0 down"
     echo "export SLURM_CONF=$SLURM_CONF"
 }
@@ -359,7 +433,7 @@ cancel_jobs() {
 }
 
 cmd_down() {
-    local purge=0 i
+    local purge=0 i d
     case ${1:-} in
         --purge) purge=1 ;;
         "") ;;
@@ -368,6 +442,7 @@ cmd_down() {
     [[ -d $STATE ]] && lock_state
     if any_running; then
         running slurmctld && cancel_jobs
+        for d in $(node_daemons); do stop "$d"; done
         for ((i = ${#DAEMONS[@]} - 1; i >= 0; i--)); do stop "${DAEMONS[i]}"; done
     else
         say "not running (state in $STATE)"
@@ -382,7 +457,7 @@ cmd_down() {
 
 cmd_status() {
     local d pid ok=0
-    for d in "${DAEMONS[@]}"; do
+    for d in $({ all_daemons "$(configured_nodes)"; node_daemons; } | awk '!seen[$0]++'); do
         if pid=$(pid_of "$d"); then
             echo "$d: running (pid $pid)"
         else
@@ -399,11 +474,11 @@ cmd_status() {
 }
 
 case ${1:-} in
-    up) cmd_up ;;
+    up) shift; cmd_up "$@" ;;
     down) cmd_down "${2:-}" ;;
     status) cmd_status ;;
     *)
-        echo "usage: $0 up | down [--purge] | status" >&2
+        echo "usage: $0 up [--nodes N] | down [--purge] | status" >&2
         exit 2
         ;;
 esac

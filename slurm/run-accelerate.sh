@@ -16,6 +16,11 @@
 # every process: the ranks (ADVFT_STOP_SIGNALS=TERM) checkpoint if the grace time allows, and SLURM
 # requeues the job itself. Mixed precision: `--mixed_precision no`, because the run applies bf16
 # autocast itself (run.precision in the job file); the launcher's own autocast would be a second one.
+#
+# CPUs: srun does not inherit the job's --cpus-per-task (Slurm >= 22.05), so on clusters that bind
+# tasks to cores each node's ranks and loader threads would share ONE core; it is passed on here.
+# The head: the ranks reach the first node at the address SLURM itself uses for it (its NodeAddr),
+# since node names need not resolve; where they do, NodeAddr is the name or its address anyway.
 
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-.}"
@@ -32,7 +37,9 @@ NNODES=${SLURM_NNODES:-1}
 GPUS=${SLURM_GPUS_ON_NODE:-0}
 PROCS_PER_NODE=${PROCS_PER_NODE:-$((GPUS > 0 ? GPUS : 1))}
 NPROCS=$((NNODES * PROCS_PER_NODE))
-HEAD=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+HEAD=$(scontrol show node "$HEAD_NODE" -o | sed -n 's/.*\bNodeAddr=\([^ ]*\).*/\1/p')
+HEAD=${HEAD:-$HEAD_NODE}
 MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 if [[ ${ADVFT_CPU:-$((GPUS == 0 ? 1 : 0))} == 1 ]]; then
     export ACCELERATE_USE_CPU=1
@@ -50,15 +57,17 @@ trap 'stop_requested=1; touch "$ADVFT_STOP_FILE"; echo "[sbatch] USR1: time limi
 trap 'echo "[sbatch] TERM: preempted or cancelled"' TERM
 
 echo "[sbatch] job $SLURM_JOB_ID (start ${SLURM_RESTART_COUNT:-0}): $JOB on $NNODES node(s) x $PROCS_PER_NODE" \
-    "process(es), head $HEAD:$MASTER_PORT${ACCELERATE_USE_CPU:+, CPU/gloo}"
+    "process(es), head $HEAD_NODE ($HEAD):$MASTER_PORT${ACCELERATE_USE_CPU:+, CPU/gloo}"
 
-# Single quotes: SLURM_NODEID is expanded on each node, by that node's task.
+# Single quotes: SLURM_NODEID and the CPU count are expanded on each node, by that node's task.
 # shellcheck disable=SC2016
-srun --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c \
-    'exec "$0" -m accelerate.commands.launch --multi_gpu --num_machines "$1" --machine_rank "$SLURM_NODEID" \
+srun --ntasks="$NNODES" --ntasks-per-node=1 ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} \
+    --kill-on-bad-exit=1 bash -c \
+    'echo "[sbatch] node $SLURM_NODEID ($SLURMD_NODENAME): $(nproc) CPU(s) for its $5 process(es)"
+     exec "$0" -m accelerate.commands.launch --multi_gpu --num_machines "$1" --machine_rank "$SLURM_NODEID" \
         --main_process_ip "$2" --main_process_port "$3" --num_processes "$4" --mixed_precision no \
-        --dynamo_backend no launch/train.py "${@:5}"' \
-    "$PYTHON" "$NNODES" "$HEAD" "$MASTER_PORT" "$NPROCS" "$JOB" "$@" &
+        --dynamo_backend no launch/train.py "${@:6}"' \
+    "$PYTHON" "$NNODES" "$HEAD" "$MASTER_PORT" "$NPROCS" "$PROCS_PER_NODE" "$JOB" "$@" &
 srun_pid=$!
 set +e
 # A trapped signal interrupts `wait` (status > 128) while srun runs on: wait again until it has ended.

@@ -44,6 +44,13 @@ def node_cpus(env: dict[str, str]) -> int:
     return int(out.split()[0].rstrip("+"))
 
 
+def partition_nodes(env: dict[str, str], partition: str) -> int:
+    """How many nodes the partition has (0 when sinfo does not know it)."""
+    out = subprocess.run(["sinfo", "-h", "-p", partition, "-o", "%D"], env=env, capture_output=True, text=True,
+                         timeout=30).stdout.split()
+    return sum(int(n) for n in out if n.isdigit())
+
+
 def sacct(env: dict[str, str], job_id: str, fields: str = "State", *, every_start: bool = False) -> list[str]:
     """One sacct reading: a line per allocation (-X) of ``job_id``; ``every_start`` (-D) also lists the
     runs before a requeue, oldest first. A State is cut to its first word ("CANCELLED by 0")."""

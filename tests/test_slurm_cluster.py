@@ -1,6 +1,7 @@
-"""The one-node SLURM cluster of `slurm/local-cluster.sh` does what the sweep launcher relies on.
+"""The SLURM cluster of `slurm/local-cluster.sh` does what the sweep launcher and the sbatch scripts rely on.
 
-These tests talk to a running cluster: `bash slurm/local-cluster.sh up` first. Without one they
+These tests talk to a running cluster: `bash slurm/local-cluster.sh up --nodes 2` first (the one-node
+tests run on node n1, which is in every partition; the two-node test needs n2 too). Without one they
 skip, unless ADVFT_REQUIRE_SLURM=1 (set in CI), where they fail: a cluster that did not come up
 must not pass as green. The client commands find the cluster through $SLURM_CONF, or else the
 config in the script's state directory ($ADVFT_SLURM_STATE, default /var/lib/advft-slurm).
@@ -20,11 +21,11 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from slurm_util import slurm_conf
+from slurm_util import partition_nodes, slurm_conf
 
 pytestmark = pytest.mark.slurm
 
-NODE = "localhost"
+NODE = "n1"  # the first node: the only one of partitions low and high
 POLL_S = 0.5
 T = TypeVar("T")
 
@@ -141,7 +142,7 @@ def test_batch_job_writes_its_output_and_sacct_says_completed(
     slurm_env: dict[str, str], submit: Callable[..., str], tmp_path: Path
 ) -> None:
     out = tmp_path / "out.txt"
-    job_id = submit("-o", str(out), "--wrap", 'echo "job $SLURM_JOB_ID ran on $SLURMD_NODENAME"')
+    job_id = submit("-o", str(out), "-w", NODE, "--wrap", 'echo "job $SLURM_JOB_ID ran on $SLURMD_NODENAME"')
     _wait_for(lambda: _sacct_states(slurm_env, job_id) == ["COMPLETED"], "sacct to say COMPLETED")
     assert _lines(out) == [f"job {job_id} ran on {NODE}"]
     assert _job(slurm_env, job_id)["ExitCode"] == "0:0"
@@ -155,6 +156,21 @@ def test_srun_steps_run_inside_a_batch_job(
     job_id = submit("-o", str(out), "--wrap", "srun sh -c 'echo step $SLURM_STEP_ID'")
     _wait_for(lambda: _sacct_states(slurm_env, job_id) == ["COMPLETED"], "sacct to say COMPLETED")
     assert _lines(out) == ["step 0"]
+
+
+def test_a_two_node_job_runs_one_srun_task_on_each_node_reached_by_its_nodeaddr(
+    slurm_env: dict[str, str], submit: Callable[..., str], tmp_path: Path
+) -> None:
+    if partition_nodes(slurm_env, "debug") < 2 and os.environ.get("ADVFT_REQUIRE_SLURM") != "1":
+        pytest.skip("a one-node cluster (bash slurm/local-cluster.sh up --nodes 2 makes two)")
+    out = tmp_path / "out.txt"
+    job_id = submit("-N", "2", "--ntasks-per-node=1", "-o", str(out), "--wrap",
+                    "srun sh -c 'echo task $SLURM_PROCID node $SLURM_NODEID on $SLURMD_NODENAME'")
+    _wait_for(lambda: _sacct_states(slurm_env, job_id) == ["COMPLETED"], "sacct to say COMPLETED")
+    assert sorted(_lines(out)) == ["task 0 node 0 on n1", "task 1 node 1 on n2"]
+    # the node names resolve nowhere: what connects to a node uses the address SLURM has for it
+    for node in ("n1", "n2"):
+        assert "NodeAddr=127.0.0.1 " in _run(slurm_env, "scontrol", "-o", "show", "node", node)
 
 
 def test_failing_job_is_accounted_failed(

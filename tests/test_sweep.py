@@ -213,7 +213,7 @@ def test_dry_run_shows_the_array_and_its_sbatch_script_and_submits_nothing(tmp_p
     assert rc == 0, err
     assert out.count("would submit") == 4 and "alpha=0.1,lr=0.001-" in out
     for line in ("#SBATCH --array=0-3%4", "#SBATCH --signal=USR2@30", "#SBATCH --partition=debug",
-                 "#SBATCH --time=30", "#SBATCH --ntasks-per-node=1", "-m submitit.core._submit",
+                 "#SBATCH --time=30", "#SBATCH --ntasks-per-node=1", "--cpus-per-task=1 ", "-m submitit.core._submit",
                  f"export PYTHONPATH={ROOT}"):
         assert line in out, line
     assert "nothing submitted" in out and not root.exists()
@@ -398,6 +398,19 @@ def test_slurm_sweep_is_one_job_array_and_sacct_shows_it(slurm, tmp_path, base_e
     wait_sacct(dict(os.environ), array, [f"{array}_0|COMPLETED", f"{array}_1|COMPLETED"], "JobID,State", sort=True)
     assert all(json.loads((Path(e["dir"]) / "results.json").read_text())["status"] == "finished"
                for e in rec["runs"].values())
+
+
+@pytest.mark.slurm
+def test_slurm_task_gets_the_cpus_its_profile_asks_for(slurm, tmp_path):
+    import functools
+
+    from launch.cluster import make_executor
+    from launch.profiles import load_profile
+
+    # the local cluster binds tasks to cores: without --cpus-per-task on srun, the task would get one core
+    ex = make_executor("slurm", tmp_path / "submitit", load_profile("local", {"cpus_per_task": "2"}), "cpus")
+    job = ex.submit(functools.partial(os.sched_getaffinity, 0))
+    assert len(job.result()) == 2, job.result()
 
 
 @pytest.mark.slurm
