@@ -32,6 +32,10 @@ import sys
 from data_prep.processes import Interrupted, stop_on_signals
 from data_prep.sources import PrepError
 
+# numba's default TBB threading layer (FFCV's writer) never exits when the process is bound to one CPU;
+# OpenMP's does. Set before ffcv/numba are imported; a user's own choice wins.
+os.environ.setdefault("NUMBA_THREADING_LAYER", "omp")
+
 _WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO, errno.EFBIG)
 
 

@@ -552,3 +552,18 @@ def test_dali_webdataset_shards_split_between_ranks(need_dali, tree: Path, dali_
     x, y = next(it)
     assert x.shape == (2, 3, 24, 24) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert x.is_contiguous(memory_format=torch.channels_last) and 0.0 <= x.min() and x.max() <= 1.0
+
+
+@pytest.mark.ffcv
+def test_ffcv_conversion_bound_to_one_cpu_exits(need_ffcv, tree: Path, tmp_path: Path) -> None:
+    """A SLURM task bound to one CPU: numba's default TBB layer never let FFCV's writer exit there, so
+    data_prep picks OpenMP's unless the user chose (a hang fails on the generous time-out, not on speed)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    argv = ["taskset", "-c", "0", sys.executable, "-m", "data_prep", "ffcv", str(tree), str(tmp_path),
+            "--write-mode", "raw", "--max-res", "64", "--workers", "1"]
+    done = subprocess.run(argv, cwd=Path(__file__).resolve().parent.parent, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert list(tmp_path.glob("*.beton"))
