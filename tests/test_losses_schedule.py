@@ -37,14 +37,17 @@ def test_fare_loss_equals_formula(alpha, reduction):
     assert out["loss"].requires_grad
 
 
-def test_alpha_zero_runs_no_clean_forward_and_alpha_positive_one_concatenated():
+def test_alpha_zero_runs_no_clean_forward_and_alpha_positive_two_unless_joint():
     enc = Counting()
     x, z, t = torch.rand(4, 3, 2, 2), torch.rand(4, 3, 2, 2), torch.randn(4, 5)
     out = fare_loss(enc, z, x, t, 0.0)
     assert enc.batches == [4] and "clean_loss" not in out
     enc.batches.clear()
     out = fare_loss(enc, z, x, t, 0.1)
-    assert enc.batches == [8] and "clean_loss" in out
+    assert enc.batches == [4, 4] and "clean_loss" in out
+    enc.batches.clear()
+    fare_loss(enc, z, x, t, 0.1, joint=True)
+    assert enc.batches == [8]
 
 
 def test_squared_distance_is_zero_at_identity():
