@@ -17,12 +17,13 @@ import json
 import logging
 import os
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-ALIASES = {"alpha": "loss.alpha", "lr": "optim.lr"}
+ALIASES = {"alpha": "loss.alpha", "beta": "loss.beta", "lr": "optim.lr"}
 log = logging.getLogger(__name__)
 CHECKOUT = Path(__file__).resolve().parent.parent  # where jobs/ lives
 
@@ -98,12 +99,9 @@ class Sections:
         return {f.name: _field_type(cls, f.name) for f in fields(cls)}  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        out = dataclasses.asdict(self)  # type: ignore[call-overload]
-        for sec in out.values():
-            for k, v in sec.items():
-                if isinstance(v, tuple):
-                    sec[k] = list(v)
-        return out
+        """Nested plain values; unset (None) fields are left out, as TOML has no null."""
+        return {s: {k: list(v) if isinstance(v, tuple) else v for k, v in sec.items() if v is not None}
+                for s, sec in dataclasses.asdict(self).items()}  # type: ignore[call-overload]
 
     def hashed(self) -> dict[str, dict[str, Any]]:
         """What :meth:`hash` covers."""
@@ -152,6 +150,9 @@ class ModelConfig(Section):
     checkpoint: str = ""  # the pretrained base encoder phi_org (simclr-pytorch, solo-learn, torchvision, advft)
     normalize: Normalize = "none"
     bn: Literal["train", "eval"] = "train"  # BatchNorm mode of the training forward (train: as the report)
+    # bn = train on several ranks: normalise over the GLOBAL batch (SyncBatchNorm; on CPU advft.sync_bn), as one
+    # process would; false = each rank over its own share
+    sync_bn: bool = True
     head: str = ""  # optional fixed linear head file {'state_dict': {'weight','bias'}}
     # A pretraining job file ("" = none) whose <run.root>/<run.name>/encoder.pt IS `checkpoint`: launch/sweep.py
     # runs it first (once) when that file is missing. Resolved like a job file: as given, or in this checkout
@@ -173,8 +174,19 @@ class AttackConfig(Section):
 
 @dataclass(frozen=True)
 class LossConfig(Section):
-    alpha: float = ranged(0.1, ge=0)  # weight of the clean term ||phi(x) - phi_org(x)||^2
+    name: str = "fare"  # fare | cosine | trades | deacl: the training loss and its attack objective (advft.losses)
+    # The weights a loss reads; unset = the loss's default (fare, cosine: alpha 0.1; trades: beta 1; deacl: beta 2).
+    # A weight the loss does not read must stay unset (validate refuses it).
+    alpha: float | None = None  # fare, cosine: weight of the clean term d(phi(x), phi_org(x))
+    beta: float | None = None  # trades, deacl: weight of the robust term d(phi(z), phi(x))
     reduction: Literal["sum", "mean"] = "sum"  # sum over the embedding dim (FARE) | mean (the report's code)
+
+    def __post_init__(self) -> None:
+        from advft.losses import LOSSES  # lazily: the registry imports torch
+
+        for key, default in LOSSES[self.name].weights.items() if self.name in LOSSES else ():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, default)  # frozen: set once, here, to the loss's default
 
 
 @dataclass(frozen=True)
@@ -241,6 +253,10 @@ class Config(Sections):
         # how the base encoder is made is not part of the run: model.checkpoint names the weights it starts from
         # (and a job file that gains model.pretrain keeps its run names, so its finished runs are found again)
         del d["model"]["pretrain"]
+        if d["model"]["sync_bn"]:  # the default, and the only behaviour on one process
+            del d["model"]["sync_bn"]
+        if d["loss"]["name"] == "fare":  # the loss before it was a choice: its runs keep their names
+            del d["loss"]["name"]
         return d
 
 
@@ -270,6 +286,10 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
     if origin is Literal:  # a choice: typed as a string here, the choice is checked by validate()
         typ = str
     tname = getattr(typ, "__name__", str(typ))
+    if origin in (typing.Union, types.UnionType) and type(None) in typing.get_args(typ):  # optional: None = unset
+        if value is None:
+            return None
+        return _coerce(key, value, next(a for a in typing.get_args(typ) if a is not type(None)))
     if origin is tuple:
         args = typing.get_args(typ)
         if isinstance(value, str):
@@ -452,6 +472,12 @@ def validate(cfg: Config, world_size: int = 1, check_paths: bool = True, checkpo
     starts (the pretraining of model.pretrain; launch/base_encoder.py checks that rule).
     """
     check_common(cfg, world_size)
+    from advft.losses import resolve_weights
+
+    try:
+        resolve_weights(cfg.loss.name, cfg.loss.alpha, cfg.loss.beta, cfg.loss.reduction)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     _need(cfg.attack.objective != "ce_head" or bool(cfg.model.head),
           "attack.objective = 'ce_head' needs model.head (a linear head file)")
     _need(cfg.eval.head != "fixed" or bool(cfg.model.head), "eval.head = 'fixed' needs model.head (a linear head file)")
