@@ -226,9 +226,3 @@ def training_loss(name: str, encoder: Callable[[Tensor], Tensor], z: Tensor, x: 
         adv, clean = encoder(z), encoder(x)
     return spec.fn(adv, clean, target, weights)
 
-
-def fare_loss(encoder: Callable[[Tensor], Tensor], z: Tensor, x: Tensor, target: Tensor, alpha: float,
-              reduction: str = "sum", joint: bool = False) -> dict[str, Tensor]:
-    """FARE through :func:`training_loss`, metrics detached except ``loss`` (the fine-tuning step's call)."""
-    out = training_loss("fare", encoder, z, x, target, Weights(alpha=alpha, reduction=reduction), joint)
-    return {k: v if k == "loss" else v.detach() for k, v in out.items()}

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 import advft.fare.step as S  # noqa: E402
 from advft import config as C  # noqa: E402
-from advft.losses import fare_loss  # noqa: E402
+from advft.losses import Weights, training_loss  # noqa: E402
 from advft.models import build_encoder  # noqa: E402
 
 
@@ -37,7 +37,8 @@ def gradients(phi: torch.nn.Module, z: torch.Tensor, x: torch.Tensor, target: to
     """Parameter gradients of the FARE loss for a copy of phi in ``dtype`` (float64 copies for comparing)."""
     phi = copy.deepcopy(phi).to(dtype).train(bn_train).requires_grad_(True)
     fn = torch.compile(phi) if compiled else phi
-    fare_loss(fn, z.to(dtype), x.to(dtype), target.to(dtype), alpha)["loss"].backward()
+    training_loss("fare", fn, z.to(dtype), x.to(dtype), target.to(dtype), Weights(alpha=alpha),
+                  joint=not bn_train)["loss"].backward()
     return {n: p.grad.detach().double() for n, p in phi.named_parameters()}
 
 

@@ -59,24 +59,18 @@ SWITCH_HELP = {
 
 @contextlib.contextmanager
 def separate_forwards() -> Iterator[None]:
-    """The engine's FARE loss, but its concatenated batch [z; x] goes through the encoder as two batches."""
-    orig = S.fare_loss
+    """The engine's training loss, but phi(z) and phi(x) always as two forwards (the engine joins them into
+    one forward of [z; x] where BN uses running statistics)."""
+    orig = S.training_loss
 
-    def two_forwards(encoder, z, x, target, alpha, reduction="sum"):
-        b = z.shape[0]
+    def two_forwards(name, encoder, z, x, target, weights, joint=False):
+        return orig(name, encoder, z, x, target, weights, joint=False)
 
-        def forward(batch: torch.Tensor) -> torch.Tensor:
-            if batch.shape[0] == b:
-                return encoder(batch)
-            return torch.cat([encoder(batch[:b]), encoder(batch[b:])])
-
-        return orig(forward, z, x, target, alpha, reduction)
-
-    S.fare_loss = two_forwards
+    S.training_loss = two_forwards
     try:
         yield
     finally:
-        S.fare_loss = orig
+        S.training_loss = orig
 
 
 @contextlib.contextmanager

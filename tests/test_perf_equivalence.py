@@ -107,19 +107,20 @@ def test_ablation_switches_change_cost_not_result() -> None:
     x, y = _batch()
     with torch.no_grad():
         target = m.phi_org(x)
-    engine = (S.frozen, S.fare_loss)
+    engine = (S.frozen, S.training_loss)
     z = S.adversarial_batch(m, x, y, target, 0, S.FareSpec.of(cfg))
     with full_backward_attack(m.phi):
         assert S.frozen is not engine[0]
         z_full = S.adversarial_batch(m, x, y, target, 0, S.FareSpec.of(cfg))
     torch.testing.assert_close(z_full, z, rtol=0, atol=1e-6)
     assert all(p.grad is None for p in m.phi.parameters())
-    one = S.fare_loss(m.phi, z, x, target, cfg.loss.alpha)
+    w = S.resolve_weights("fare", cfg.loss.alpha)
+    one = S.training_loss("fare", m.phi, z, x, target, w, joint=True)
     with separate_forwards():
-        two = S.fare_loss(m.phi, z, x, target, cfg.loss.alpha)
+        two = S.training_loss("fare", m.phi, z, x, target, w, joint=True)
     for k in ("loss", "adv_loss", "clean_loss"):
         torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6)
-    assert (S.frozen, S.fare_loss) == engine  # the patches are undone
+    assert (S.frozen, S.training_loss) == engine  # the patches are undone
 
 
 @pytest.mark.slow

@@ -67,15 +67,15 @@ def test_frozen_reference_unchanged_and_attack_leaves_no_grads(tiny_cfg, base_en
     seen = {}
     import advft.fare.step as S
 
-    orig = S.fare_loss
+    orig = S.training_loss
 
-    def spy(encoder, z, x, target, alpha, reduction="sum"):
+    def spy(name, encoder, z, x, target, weights, joint=False):
         # the attack ran before this: no parameter may hold a gradient yet in this step
         mod = encoder.module if hasattr(encoder, "module") else encoder
         seen.setdefault("grads_before", []).append(all(p.grad is None for p in mod.parameters()))
-        return orig(encoder, z, x, target, alpha, reduction)
+        return orig(name, encoder, z, x, target, weights, joint)
 
-    monkeypatch.setattr(S, "fare_loss", spy)
+    monkeypatch.setattr(S, "training_loss", spy)
     cfg = tiny_cfg()
     before = load_encoder(base_encoder, "tiny", "cifar").state_dict()
     finetune(cfg)

@@ -12,10 +12,10 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from advft.attacks import apgd, ce_loss, embedding_loss, pgd
+from advft.attacks import apgd, ce_loss, pgd
 from advft.distributed import autocast
 from advft.engine.seeding import ATTACK_STREAM, step_generator
-from advft.losses import fare_loss
+from advft.losses import Weights, attack_objective, resolve_weights, training_loss
 from advft.schedule import lr_factor
 
 
@@ -29,8 +29,8 @@ class FareSpec:
     eps: float  # L-inf radius in [0, 1] pixel units
     attack_steps: int
     objective: str  # embedding | ce_head
-    alpha: float
-    reduction: str  # sum | mean over the embedding dimension
+    loss: str  # a name in advft.losses.LOSSES: the training loss and the attack's objective
+    weights: Weights  # the loss's resolved weights (alpha, beta, reduction)
     lr: float  # peak
     warmup_steps: int
     steps: int
@@ -46,7 +46,9 @@ class FareSpec:
         (:func:`advft.distributed.run_precision`), default ``cfg.run.precision`` (then fp32 or bf16)."""
         return cls(seed=cfg.run.seed, global_batch=cfg.data.batch_size, attack=cfg.attack.name,
                    eps=cfg.attack.eps_pixels, attack_steps=cfg.attack.steps, objective=cfg.attack.objective,
-                   alpha=cfg.loss.alpha, reduction=cfg.loss.reduction, lr=cfg.optim.lr,
+                   loss=cfg.loss.name,
+                   weights=resolve_weights(cfg.loss.name, cfg.loss.alpha, cfg.loss.beta, cfg.loss.reduction),
+                   lr=cfg.optim.lr,
                    warmup_steps=cfg.optim.warmup_steps, steps=cfg.optim.steps, min_lr_ratio=cfg.optim.min_lr_ratio,
                    grad_clip=cfg.optim.grad_clip, bn_train=cfg.model.bn == "train",
                    channels_last=cfg.run.channels_last, precision=precision or cfg.run.precision)
@@ -100,21 +102,22 @@ def adversarial_batch(m: StepModels, x: Tensor, y: Tensor, target: Tensor, step:
                       rank: int = 0, world: int = 1) -> Tensor:
     """The attack of global step ``step`` on this rank's batch (float32, detached, inside the eps-ball).
 
-    phi goes through ``m.phi_fn`` (never DDP), in eval mode, with its parameters frozen and under the run's
-    autocast; its train/eval flag is restored afterwards. ``target`` = phi_org(x) in float32. Separate from
+    It maximises the objective of the run's loss (:func:`advft.losses.attack_objective`), or the fixed
+    head's cross-entropy with ``objective = "ce_head"``. phi goes through ``m.phi_fn`` (never DDP), in eval
+    mode, with its parameters frozen and under the run's autocast; its train/eval flag is restored afterwards. ``target`` = phi_org(x) in float32. Separate from
     :func:`fare_step` so that the benchmarks time exactly the attack the step runs.
     """
-    if spec.objective == "ce_head":
-        head, phi_fn = m.head, m.phi_fn
-        fwd = lambda z: head(phi_fn(z))  # noqa: E731
-        loss_fn = ce_loss(y)
-    else:
-        fwd, loss_fn = m.phi_fn, embedding_loss(target)
     init = attack_init(spec.seed, step, torch.Size((spec.global_batch, *x.shape[1:])), rank, world, x.device)
     attack = apgd if spec.attack == "apgd" else pgd
     was_training = m.phi.training
     m.phi.eval()  # the attack never updates BN statistics
     with frozen(m.phi), autocast(x.device, spec.precision):
+        if spec.objective == "ce_head":
+            head, phi_fn = m.head, m.phi_fn
+            fwd = lambda z: head(phi_fn(z))  # noqa: E731
+            loss_fn = ce_loss(y)
+        else:  # inside: a loss that attacks from phi(x) computes it with the attack's view of phi
+            fwd, loss_fn = m.phi_fn, attack_objective(spec.loss, m.phi_fn, x, target)
         z = attack(fwd, x, loss_fn, eps=spec.eps, n_iter=spec.attack_steps, init=init)
     m.phi.train(was_training)
     return z
@@ -122,7 +125,12 @@ def adversarial_batch(m: StepModels, x: Tensor, y: Tensor, target: Tensor, step:
 
 def fare_step(m: StepModels, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, step: int, spec: FareSpec, *,
               rank: int = 0, world: int = 1) -> dict[str, Tensor]:
-    """Attack, FARE loss, backward and optimizer step for global step ``step``; detached metrics back."""
+    """Attack, the run's loss, backward and optimizer step for global step ``step``; detached metrics back
+    (per term: :mod:`advft.losses`).
+
+    phi(z) and phi(x) are separate forwards with train-mode BN (the adversarial term keeps its own batch
+    statistics) and one concatenated forward with eval-mode BN, where that changes nothing.
+    """
     device = x.device
     for g in opt.param_groups:
         g["lr"] = spec.lr * lr_factor(step, spec.warmup_steps, spec.steps, spec.min_lr_ratio)
@@ -132,12 +140,11 @@ def fare_step(m: StepModels, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, s
     m.phi.train(spec.bn_train)
     mf = torch.channels_last if spec.channels_last else torch.contiguous_format
     with autocast(device, spec.precision):
-        out = fare_loss(m.phi_ddp, z.contiguous(memory_format=mf), x, target, spec.alpha, spec.reduction)
-    loss = out["loss"]
-    loss.backward()
+        out = training_loss(spec.loss, m.phi_ddp, z.contiguous(memory_format=mf), x, target, spec.weights,
+                            joint=not spec.bn_train)
+    out["loss"].backward()
     if spec.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(m.phi.parameters(), spec.grad_clip)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    out["loss"] = loss.detach()
-    return out
+    return {k: v.detach() for k, v in out.items()}

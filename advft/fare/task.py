@@ -7,7 +7,10 @@ One step, per rank (B = per-device batch):
     z  = apgd(phi, x, ||phi(.) - t||^2)                phi UNWRAPPED, eval mode, parameters frozen for the
                                                        attack: autograd computes input gradients only, no
                                                        DDP hook fires, BN statistics never see the iterates
-    L  = ||phi(z) - t||^2 + alpha ||phi(x) - t||^2     DDP-wrapped phi (x skipped at alpha 0)
+    L  = LOSSES[loss.name](phi(z), phi(x), t)           DDP-wrapped phi (advft.losses; FARE: ||phi(z) - t||^2 +
+                                                       alpha ||phi(x) - t||^2, x skipped at alpha 0); phi(z) and
+                                                       phi(x) separate forwards with train-mode BN (SyncBN on
+                                                       several ranks), one forward of [z; x] with eval-mode BN
     AdamW step with lr = schedule(step)
 
 Everything random in a step derives from (seed, step): the attack's start noise is drawn for the GLOBAL
@@ -28,6 +31,7 @@ from advft.engine import RunDir, Task, run
 from advft.engine.optim import adamw
 from advft.fare.step import FareSpec, StepModels, fare_step
 from advft.models import encoder_state_dict, load_encoder, load_head
+from advft.sync_bn import convert_sync_bn
 
 
 def build_optimizer(params, cfg: C.OptimConfig, device: torch.device) -> torch.optim.Optimizer:
@@ -82,6 +86,10 @@ class FareTask(Task):
     def prepare(self, acc: Any) -> None:
         from advft.data import eval_data
 
+        if acc.num_processes > 1 and self.spec.bn_train and self.cfg.model.sync_bn:
+            # the same Parameters and state-dict keys: optimiser, checkpoints and plain-BN encoders see no change;
+            # in eval mode (attack, evaluation) the layers use running statistics and never synchronise
+            self.phi = convert_sync_bn(self.phi, self.device.type)
         phi_fn: nn.Module = torch.compile(self.phi) if self.cfg.run.compile else self.phi
         phi_ddp = acc.prepare_model(phi_fn) if acc.num_processes > 1 else phi_fn
         self.models = StepModels(phi=self.phi, phi_fn=phi_fn, phi_ddp=phi_ddp, phi_org=self.phi_org, head=self.head)
@@ -115,7 +123,8 @@ class FareTask(Task):
         for k, v in self.phi_org.state_dict().items():
             if not torch.equal(v, self.org_ref[k]):
                 raise RuntimeError(f"the frozen reference changed during training ({k}); this is a bug")
-        return {"alpha": self.cfg.loss.alpha, "lr": self.cfg.optim.lr}
+        return {"loss": self.cfg.loss.name, "alpha": self.cfg.loss.alpha, "beta": self.cfg.loss.beta,
+                "lr": self.cfg.optim.lr}
 
 
 def finetune(cfg: C.Config, *, should_stop: Callable[[], bool] | None = None, group: str | None = None,

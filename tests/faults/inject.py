@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # where each task computes its loss: the function whose result is poisoned (module, name, how)
 _LOSSES: dict[str, tuple[str, str, Callable[[Any], Any]]] = {
-    "FareTask": ("advft.fare.step", "fare_loss", lambda out: {**out, "loss": out["loss"] * float("nan")}),
+    "FareTask": ("advft.fare.step", "training_loss", lambda out: {**out, "loss": out["loss"] * float("nan")}),
     "SimCLRTask": ("advft.simclr.task", "nt_xent_logits", lambda out: (out[0] * float("nan"), out[1])),
 }
 
