@@ -14,6 +14,7 @@ from advft import config as C
 
 # run.name and run.root place the run: the sweep sets them, a grid over them would scatter the sweep
 RESERVED = {"run.name", "run.root"}
+LABELS = {"loss.name": "loss"}  # "name=trades" would not say which name
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.=,+-]")
 MAX_NAME = 120  # characters before the hash; long grid values are cut (the hash keeps names unique)
 
@@ -65,7 +66,7 @@ def parse_grid(items: list[str], fixed: dict[str, str] | None = None) -> list[Ax
         values = [v.strip() for v in split_values(text)]
         if any(not v for v in values):
             raise C.ConfigError(f"--grid {key}: empty value in {text!r} (write KEY=v1,v2,...)")
-        axes.append(Axis(canon, key.split(".")[-1], tuple(values)))
+        axes.append(Axis(canon, LABELS.get(canon, key.split(".")[-1]), tuple(values)))
     labels = [a.label for a in axes]
     if len(set(labels)) != len(labels):  # e.g. optim.steps and attack.steps: fall back to the full keys
         axes = [Axis(a.key, a.key, a.values) for a in axes]
@@ -90,12 +91,27 @@ def format_value(value: object) -> str:
 
 
 def resolved_value(cfg: C.Config, key: str) -> object:
+    """The value of ``key`` in the resolved config; None for an unset field (a weight its loss does not read)."""
     sec, name = key.split(".")
-    return cfg.to_dict()[sec][name]
+    return cfg.to_dict()[sec].get(name)
+
+
+def unread_weights(cfg: C.Config, point: dict[str, str]) -> list[str]:
+    """The grid keys of ``point`` that are loss weights ``cfg``'s loss does not read (alpha for trades).
+
+    ``--grid loss.name=fare,trades --grid alpha=0,1`` crosses every loss with every alpha; a loss that does
+    not read alpha runs once, with alpha unset, instead of being refused."""
+    from advft.losses import LOSSES
+
+    spec = LOSSES.get(cfg.loss.name)
+    return [k for k in point if spec is not None and k in ("loss.alpha", "loss.beta")
+            and k.split(".")[1] not in spec.weights]
 
 
 def run_name(cfg: C.Config, axes: list[Axis], prefix: str = "run") -> str:
-    """Grid values from the resolved config plus the config hash, made safe as one folder name."""
-    parts = ",".join(f"{a.label}={format_value(resolved_value(cfg, a.key))}" for a in sorted(axes, key=lambda a: a.label))
+    """Grid values from the resolved config plus the config hash, made safe as one folder name (an unset
+    value, a weight the run's loss does not read, is left out)."""
+    values = [(a.label, resolved_value(cfg, a.key)) for a in sorted(axes, key=lambda a: a.label)]
+    parts = ",".join(f"{label}={format_value(v)}" for label, v in values if v is not None)
     stem = _UNSAFE.sub("_", parts or prefix).replace("..", "_")[:MAX_NAME]
     return C.check_name(f"{stem}-{cfg.hash()}", "run name")

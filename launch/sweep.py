@@ -94,7 +94,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = _Parser(prog="launch/sweep.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--job", default=DEFAULT_JOB, help=f"TOML job file (default {DEFAULT_JOB})")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=v1,v2,...",
-                   help="one axis of the grid (repeatable); aliases alpha, lr; tuples as (0.9,0.95),(0.9,0.999)")
+                   help="one axis of the grid (repeatable); aliases alpha, beta, lr; tuples as (0.9,0.95),"
+                        "(0.9,0.999); loss.name=fare,cosine,trades crosses the losses (a loss runs once per "
+                        "weight it does not read)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value for every run (repeatable)")
     p.add_argument("--cluster", default="auto", help="auto (slurm if sbatch is on PATH, else local) | slurm | "
@@ -137,7 +139,16 @@ def build_plan(args: argparse.Namespace) -> Plan:
     seen: dict[str, dict[str, str]] = {}
     for point in G.expand(axes):
         cfg = C.load(job, {**fixed, **point})
+        unread = G.unread_weights(cfg, point)
+        if unread:  # e.g. alpha for trades: one run with the weight unset, not one per value
+            point = {k: v for k, v in point.items() if k not in unread}
+            cfg = C.load(job, {**fixed, **point})
         name = G.run_name(cfg, axes, prefix=base.run.name)
+        if unread and name in seen:
+            continue
+        if unread:
+            print(f"--grid: loss.name = {cfg.loss.name!r} does not read {', '.join(unread)}: one run per value of "
+                  f"the other axes, with the weight unset", file=sys.stderr)
         if name in seen:
             raise C.ConfigError(f"--grid values {seen[name]} and {point} give the same config (run {name})")
         seen[name] = point

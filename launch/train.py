@@ -44,7 +44,7 @@ def _summary(cfg: Any, res: dict[str, Any]) -> str:
 TRAIN = Command(
     prog="launch/train.py", doc=__doc__, example_job="jobs/demo.toml",
     keys="keys: the sections data, model, attack, loss, optim, eval, run (see advft/config.py); "
-         "aliases: alpha = loss.alpha, lr = optim.lr. Example: --set alpha=0.1 --set optim.steps=200",
+         "aliases: alpha = loss.alpha, beta = loss.beta, lr = optim.lr. Example: --set alpha=0.1 --set optim.steps=200",
     load=_load, validate=_validate, run=_run, summary=_summary)
 
 

@@ -37,7 +37,7 @@ def _on_cuda(precision: str):
 
 def test_compiled_bf16_step_matches_eager() -> None:
     from advft.distributed import autocast
-    from advft.losses import fare_loss
+    from advft.losses import resolve_weights, training_loss
 
     losses, grads = [], []
     z = None
@@ -49,7 +49,7 @@ def test_compiled_bf16_step_matches_eager() -> None:
             z = S.adversarial_batch(m, x, y, target, 0, S.FareSpec.of(cfg))
         fn = torch.compile(m.phi) if compiled else m.phi
         with autocast(x.device, "bf16"):
-            out = fare_loss(fn, z, x, target, cfg.loss.alpha)
+            out = training_loss("fare", fn, z, x, target, resolve_weights("fare", cfg.loss.alpha), joint=True)
         out["loss"].backward()
         grads.append(torch.cat([p.grad.flatten().float() for p in m.phi.parameters()]))
         m.phi.zero_grad(set_to_none=True)
