@@ -21,10 +21,11 @@ def _run(args: list[str], env_extra: dict[str, str]) -> subprocess.CompletedProc
 
 
 @pytest.mark.dist
-def test_two_gloo_ranks_equal_one_process(tmp_path, base_encoder):
+@pytest.mark.parametrize("bn,port", [("eval", 29517), ("train", 29527)])
+def test_two_gloo_ranks_equal_one_process(tmp_path, base_encoder, bn, port):
     sets = [f"model.checkpoint={base_encoder}", f"run.root={tmp_path}", f"data.path={tmp_path / 'cache'}",
-            # BN in eval mode: per-rank batch statistics would otherwise (rightly) differ from global ones
-            "model.bn=eval", "optim.steps=2", "optim.warmup_steps=1", "eval.every=0", "run.ckpt_every=1",
+            # BN in train mode: the ranks normalise over the global batch (model.sync_bn, the default)
+            f"model.bn={bn}", "optim.steps=2", "optim.warmup_steps=1", "eval.every=0", "run.ckpt_every=1",
             "run.log_every=1"]
     # Two steps: the ranks' all-reduced gradient differs from one process's in the last float bits, and over
     # more steps APGD's sign steps and Adam's first updates (~lr * sign(g)) amplify such bits chaotically
@@ -33,7 +34,7 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, base_encoder):
     flags = [x for s in sets for x in ("--set", s)]
     one = _run([sys.executable, "launch/train.py", "jobs/test_tiny.toml", *flags, "--set", "run.name=one"], {})
     assert one.returncode == 0, one.stderr[-3000:]
-    two = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    two = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
                 "launch/train.py", "jobs/test_tiny.toml", *flags, "--set", "run.name=two"],
                {"ACCELERATE_USE_CPU": "1"})
     assert two.returncode == 0, two.stderr[-3000:]
