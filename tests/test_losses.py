@@ -201,7 +201,8 @@ def test_weights_default_per_loss_and_given_ones_win():
 
 
 @pytest.mark.parametrize("name,kwargs,message", [
-    ("fare", {"beta": 1.0}, "loss.beta = 1.0 is not read by loss.name = 'fare' (it reads loss.alpha); remove loss.beta"),
+    ("fare", {"beta": 1.0},
+     "loss.beta = 1.0 is not read by loss.name = 'fare' (it reads loss.alpha); remove loss.beta"),
     ("cosine", {"beta": 0.0}, "loss.beta = 0.0 is not read by loss.name = 'cosine'"),
     ("trades", {"alpha": 0.1}, "loss.alpha = 0.1 is not read by loss.name = 'trades' (it reads loss.beta)"),
     ("deacl", {"alpha": 1.0}, "loss.alpha = 1.0 is not read by loss.name = 'deacl'"),
