@@ -327,7 +327,7 @@ def test_cli_wandb_online_publishes_the_same_panels(sweep_dir: Path, capsys, mon
     plotted = [(p.kwargs["y"][0], p.kwargs["groupby"].args[0]) for g in grids for p in g.kwargs["panels"]
                if type(p).__name__ == "LinePlot"]
     for metric in ("eval/clean_acc", "eval/robust_acc", "train/adv_loss", "train/clean_loss"):
-        assert (metric, "loss.alpha") in plotted and (metric, "optim.lr") in plotted
+        assert {(metric, "loss.alpha"), (metric, "optim.lr"), (metric, "loss.name")} <= set(plotted)
     runset = grids[0].kwargs["runsets"][0]
     assert runset.kwargs["filters"] == "Metric('Group') == 'demo'"  # the sweep's runs: wandb group = sweep name
     (md,) = [b for b in report.kwargs["blocks"] if type(b).__name__ == "MarkdownBlock"]
@@ -358,4 +358,4 @@ def test_real_wandb_workspaces_accepts_the_report(sweep_dir: Path, monkeypatch) 
     report = R.wandb_report(R.load_sweep(sweep_dir), project="advft", entity="someone")
     # constructing validates every field (pydantic); serialising would need a wandb login, so it is not done
     assert report.title == "advft sweep demo" and report.entity == "someone"
-    assert sum(type(b).__name__ == "PanelGrid" for b in report.blocks) == 3
+    assert sum(type(b).__name__ == "PanelGrid" for b in report.blocks) == 4  # by alpha, lr, loss; final

@@ -13,8 +13,8 @@ from advft.report.stats import Point, aggregate
 ACC_KEYS = (("clean_acc", "clean accuracy (%)"), ("robust_acc", "robust accuracy (%)"))
 
 
-def num(v: float) -> str:
-    return f"{v:g}"
+def num(v: float | None) -> str:
+    return "-" if v is None else f"{v:g}"  # None: a weight the run's loss does not read
 
 
 def _cell(p: Point | None, key: str) -> str:

@@ -25,8 +25,9 @@ def wandb_unavailable() -> str | None:
 
 def wandb_report(sweep: Sweep, project: str, entity: str) -> Any:
     """The wandb-workspaces Report of the sweep (not saved), computed by wandb from the mirrored runs (group =
-    sweep name): the PNGs' curves grouped by alpha and by lr (mean ± std), the final accuracies over alpha x lr
-    as a parallel-coordinates plot (wandb has no heatmap panel), and REPORT.md's tables as markdown."""
+    sweep name): the PNGs' curves grouped by alpha, by lr and by loss (mean ± std), the final accuracies over
+    loss x alpha x lr as a parallel-coordinates plot (wandb has no heatmap panel), and REPORT.md's tables as
+    markdown."""
     import wandb_workspaces.reports.v2 as wr
 
     def runset(by: str) -> Any:
@@ -38,13 +39,14 @@ def wandb_report(sweep: Sweep, project: str, entity: str) -> Any:
                             groupby=wr.Config(key), groupby_aggfunc="mean", groupby_rangefunc="stddev")]
 
     grids = []
-    for key in ("loss.alpha", "optim.lr"):
+    for key in ("loss.alpha", "optim.lr", "loss.name"):
         panels = (lines("clean accuracy", ["eval/clean_acc"], key) + lines("robust accuracy", ["eval/robust_acc"], key)
                   + lines("adversarial loss", ["train/adv_loss"], key) + lines("clean loss", ["train/clean_loss"], key))
         grids.append(wr.PanelGrid(runsets=[runset(key)], panels=panels))
     final = wr.PanelGrid(runsets=[runset("loss.alpha")], panels=[wr.ParallelCoordinatesPlot(
         title="final accuracy over alpha x lr",
-        columns=[wr.ParallelCoordinatesPlotColumn(metric=wr.Config("loss.alpha")),
+        columns=[wr.ParallelCoordinatesPlotColumn(metric=wr.Config("loss.name")),
+                 wr.ParallelCoordinatesPlotColumn(metric=wr.Config("loss.alpha")),
                  wr.ParallelCoordinatesPlotColumn(metric=wr.Config("optim.lr")),
                  wr.ParallelCoordinatesPlotColumn(metric=wr.SummaryMetric("final/clean_acc")),
                  wr.ParallelCoordinatesPlotColumn(metric=wr.SummaryMetric("final/robust_acc"))])])
@@ -52,7 +54,8 @@ def wandb_report(sweep: Sweep, project: str, entity: str) -> Any:
     return wr.Report(project=project, entity=entity, title=f"advft sweep {sweep.name}",
                      description="alpha x lr sweep of FARE fine-tuning (written by launch/report.py)",
                      blocks=[wr.H1("Accuracy and loss by alpha"), grids[0], wr.H1("The same by lr"), grids[1],
-                             wr.H1("Final accuracy"), final, wr.MarkdownBlock(text=table)])
+                             wr.H1("The same by loss"), grids[2], wr.H1("Final accuracy"), final,
+                             wr.MarkdownBlock(text=table)])
 
 
 def publish_wandb(sweep: Sweep) -> str:

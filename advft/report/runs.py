@@ -117,6 +117,8 @@ def _by_step(records: Iterable[dict[str, Any]], kind: str) -> tuple[dict[str, An
 
 def _load_run(name: str, run_dir: Path, planned: Mapping[str, Any] | None) -> Run:
     config = _read_config(run_dir)
+    if config:  # a run from before loss.name was a choice is a FARE run; named, so a sweep mixing them tells them apart
+        config.setdefault("loss.name", "fare")
     metrics = read_metrics(run_dir / "metrics.jsonl")
     results = _read_json(run_dir / "results.json")
     started = bool(config or metrics or results)

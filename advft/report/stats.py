@@ -40,7 +40,7 @@ class Point:
     """One (setting, alpha, lr) of the grid with its runs (seeds)."""
 
     setting: str
-    alpha: float
+    alpha: float | None  # None for a loss that reads no alpha
     lr: float
     runs: tuple[Run, ...]
 
@@ -70,11 +70,20 @@ class Point:
         return stat([r.evals[-1].get(key) for r in pool if int(r.evals[-1]["step"]) == step]), step
 
 
+def _reads_alpha(r: Run) -> bool:
+    """Whether the run's loss has an alpha (runs from before loss.name are FARE runs)."""
+    from advft.losses import LOSSES  # lazily: the registry imports torch
+
+    spec = LOSSES.get(str(r.config.get("loss.name", "fare")))
+    return spec is None or "alpha" in spec.weights
+
+
 def aggregate(runs: Iterable[Run]) -> list[Point]:
-    """Group runs by (setting, alpha, lr): the seeds of one experiment. Runs without alpha or lr are left out."""
-    groups: dict[tuple[str, float, float], list[Run]] = {}
+    """Group runs by (setting, alpha, lr): the seeds of one experiment. Runs without lr, or without alpha when
+    their loss reads one, are left out; a loss without alpha (trades) has alpha None, its setting names it."""
+    groups: dict[tuple[str, float | None, float], list[Run]] = {}
     for r in runs:
-        if r.alpha is not None and r.lr is not None:
+        if r.lr is not None and (r.alpha is not None or not _reads_alpha(r)):
             groups.setdefault((r.setting, r.alpha, r.lr), []).append(r)
     return [Point(s, a, lr, tuple(rs)) for (s, a, lr), rs in sorted(groups.items())]
 
