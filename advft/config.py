@@ -456,6 +456,7 @@ def check_data(data: DataConfig, check_paths: bool = True) -> None:
     """The loader's package is installed and the dataset files exist."""
     if data.format in ("ffcv", "dali"):
         _check_extra(data.format)
+        _check_held_out(data, check_paths)
     if check_paths and data.format != "synthetic":
         _need(bool(data.path), f"data.path is empty; data.format = '{data.format}' needs a dataset path "
                                f"(e.g. --set data.path=/data/{data.format})")
@@ -507,6 +508,17 @@ def resolve_job(path: str | os.PathLike) -> Path:
     if not p.is_file() and not p.is_absolute() and (CHECKOUT / p).is_file():
         return CHECKOUT / p
     return p
+
+
+def _check_held_out(data: DataConfig, check_paths: bool) -> None:
+    """The probe's test images must never be among its training images (advft.data.held_out_problem)."""
+    from advft.data import DataError, held_out_problem  # lazily: advft.data imports torch
+
+    try:
+        problem = held_out_problem(data.format, data.path, data.val_path, check_paths)
+    except DataError as e:
+        raise ConfigError(f"data.val_path: {e}") from None
+    _need(problem is None, problem or "")
 
 
 def _check_extra(fmt: str) -> None:

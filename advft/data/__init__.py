@@ -6,6 +6,8 @@ sharded by global rank, deterministic from (seed, epoch), resumable from a globa
 from __future__ import annotations
 
 import itertools
+import os
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -16,13 +18,58 @@ from advft.data.loader import ShardedBatchSampler, make_loader, subset
 from advft.data.synthetic import SyntheticShapes
 
 __all__ = ["DataError", "FORMATS_BUILTIN", "ShardedBatchSampler", "SyntheticShapes", "build_dataset",
-           "make_loader", "subset", "build_train_loader", "eval_data", "held_out_split"]
+           "make_loader", "subset", "build_train_loader", "eval_data", "held_out_problem", "held_out_split"]
 
 DATASET_SEED = 0  # the synthetic data is the same for every run; the run seed changes order and attacks
 
 
 def held_out_split(fmt: str) -> str:
     return {"folder": "val"}.get(fmt, "test")
+
+
+def _same_place(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def _dali_images(path: Path) -> set[str] | None:
+    """The image files a DALI file list or folder names (resolved), None for webdataset shards."""
+    from advft.data.dali_loader import _read_file_list, _scan_folder
+
+    if path.is_dir() and any(path.glob("*.tar")):
+        return None
+    root, files, _ = _read_file_list(path) if path.is_file() else _scan_folder(path)
+    return {os.path.realpath(os.path.join(root, f)) for f in files}
+
+
+def held_out_problem(fmt: str, path: str, val_path: str, check_paths: bool = True) -> str | None:
+    """Why the probe's test images could be among its training images under these data settings, as one
+    line naming the key and what is valid; None when they cannot be.
+
+    cifar10 (train / test batches), folder (``<path>/train`` / ``<path>/val``) and synthetic (independent
+    train / test streams) hold out by construction. ffcv and dali read the test images from
+    ``data.val_path``, which must be another file (for DALI lists and folders: no image in both);
+    ``check_paths`` = False checks only what the settings say, not the files."""
+    if fmt not in ("ffcv", "dali"):
+        return None
+    made = f"python -m data_prep {fmt} SRC OUT --split val"
+    if not val_path:
+        return (f"data.val_path is empty; data.format = '{fmt}' reads the probe's test images from data.val_path, "
+                f"which must hold held-out images (the validation split, e.g. from `{made}`), not data.path")
+    if not check_paths or not path or not Path(path).exists() or not Path(val_path).exists():
+        return None
+    a, b = Path(path), Path(val_path)
+    if _same_place(a, b):
+        return (f"data.val_path = {val_path} is data.path: the probe would be tested on its training images; "
+                f"give the validation split's file")
+    if fmt == "dali":
+        train, test = _dali_images(a), _dali_images(b)
+        both = (train & test) if train is not None and test is not None else set()
+        if both:
+            return (f"data.val_path = {val_path} shares {len(both)} images with data.path = {path} "
+                    f"(e.g. {sorted(both)[0]}); the held-out list must not contain training images")
+    return None
 
 
 def _dataset(cfg: Any, split: str, size: int | None = None):
@@ -72,10 +119,12 @@ def eval_data(cfg: Any, device: torch.device) -> tuple[Callable[[], Iterable], C
     seed = cfg.run.seed
     common = dict(global_batch=e.batch_size, rank=0, world_size=1, device=device, transform="none")
     if d.format in ("ffcv", "dali"):
+        problem = held_out_problem(d.format, d.path, d.val_path, check_paths=False)
+        if problem:  # config.validate refuses this first; a caller that skipped it must not test on train images
+            raise DataError(problem)
         # one shuffled pass (order fixed by the seed) gives a seeded random subset without random access
-        val = d.val_path or d.path
         probe = lambda: _take(_extra_loader(cfg, d.path, seed=seed, train=True, **common), e.probe_train_size)  # noqa: E731
-        test = lambda: _take(_extra_loader(cfg, val, seed=seed, train=True, **common), e.test_size)  # noqa: E731
+        test = lambda: _take(_extra_loader(cfg, d.val_path, seed=seed, train=True, **common), e.test_size)  # noqa: E731
         return probe, test
     train_ds = subset(_dataset(cfg, "train"), e.probe_train_size, seed)
     test_ds = subset(_dataset(cfg, held_out_split(d.format), size=e.test_size), e.test_size, seed)
