@@ -139,7 +139,8 @@ class DataConfig(Section):
 
 
 Arch = Literal["resnet50", "resnet18", "tiny"]
-Stem = Literal["cifar", "imagenet"]  # cifar: 3x3 s1 conv1, no max-pool
+# cifar: 3x3 s1 conv1, no max-pool; cifar_pad2: the same with padding 2 (solo-learn's CIFAR networks)
+Stem = Literal["cifar", "cifar_pad2", "imagenet"]
 Normalize = Literal["none", "imagenet", "cifar10"]  # mean/std applied inside the encoder's forward
 
 

@@ -22,7 +22,6 @@ import argparse
 import os
 import pickle
 import re
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,9 @@ from torch import Tensor, nn
 from torchvision.models.resnet import BasicBlock
 
 ARCHS = ("resnet50", "resnet18", "tiny")
-STEMS = ("cifar", "imagenet")
+# cifar: 3x3 stride-1 conv1 (padding 1) and no max-pool; cifar_pad2: the same with padding 2, solo-learn's
+# CIFAR stem (its feature maps are 34x34 for 32x32 inputs); imagenet: torchvision's 7x7 stride-2 conv1 + max-pool
+STEMS = ("cifar", "cifar_pad2", "imagenet")
 # Per-channel (mean, std) of the data the pretrained weights saw. "none": the model takes [0,1] pixels
 # as they are (simclr-pytorch trained that way). The CIFAR-10 std is the per-pixel one (0.247...),
 # not the often copied (0.2023, 0.1994, 0.2010).
@@ -59,6 +60,9 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "net.")
 _UNUSED_HEADS = ("fc.", "projection.", "projector.", "classifier.", "momentum_")
 _SIMCLR_ARCHS = {"ResNet50": "resnet50", "resnet50": "resnet50", "resnet18": "resnet18", "ResNet18": "resnet18"}
 _SIMCLR_STEMS = {"cifar": "cifar", "imagenet": "imagenet"}
+# The networks solo-learn builds (stem) and the normalisation its pretraining applied to their inputs: its
+# CIFAR-10 transform's mean/std are NORMALIZE["cifar10"], its ImageNet one torchvision's ("imagenet").
+_SOLO_LEARN = {"cifar_pad2": "cifar10", "imagenet": "imagenet"}
 
 
 class CheckpointFormatError(ValueError):
@@ -156,7 +160,8 @@ def build_encoder(arch: str = "resnet50", stem: str = "cifar", normalize: str = 
 
     arch: "resnet50" (2048-d), "resnet18" (512-d) or "tiny" (128-d). stem: "imagenet" is torchvision's
     7x7 stride-2 conv1 followed by a max-pool; "cifar" is a 3x3 stride-1 conv1 (padding 1, no bias) and
-    no max-pool, so 32x32 inputs keep their resolution until layer2. normalize: a key of NORMALIZE.
+    no max-pool, so 32x32 inputs keep their resolution until layer2; "cifar_pad2" pads that conv1 by 2
+    (solo-learn's CIFAR networks). normalize: a key of NORMALIZE.
     """
     _check_choice("arch", arch, ARCHS)
     _check_choice("stem", stem, STEMS)
@@ -166,9 +171,9 @@ def build_encoder(arch: str = "resnet50", stem: str = "cifar", normalize: str = 
     else:
         net = getattr(torchvision.models, arch)(weights=None)
         net.fc = nn.Identity()
-    if stem == "cifar":
+    if stem in ("cifar", "cifar_pad2"):
         width = net.conv1.out_channels
-        net.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
+        net.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=2 if stem == "cifar_pad2" else 1, bias=False)
         # Same init as torchvision gives its own convolutions, rather than nn.Conv2d's default.
         nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
         net.maxpool = nn.Identity()
@@ -287,7 +292,7 @@ def _guess(sd: dict[str, Tensor]) -> str:
         arch = "unknown"
     stem = "unknown"
     if conv1 is not None and conv1.dim() == 4:
-        stem = {3: "cifar", 7: "imagenet"}.get(conv1.shape[-1], "unknown")
+        stem = {3: "cifar or cifar_pad2", 7: "imagenet"}.get(conv1.shape[-1], "unknown")
     return f"the file looks like arch={arch}, stem={stem}"
 
 
@@ -326,7 +331,9 @@ def load_encoder(
     checkpoints ({'format': 'advft', 'model': ...}, other entries ignored) and exported encoders
     ({'format': 'advft-encoder', 'model': ..., 'arch', 'stem'}). Keys are matched strictly after the
     prefix is stripped and unused heads dropped. arch/stem/normalize describe the model to build
-    (the file holds only weights); where the file declares its arch or stem, they must agree.
+    (the file holds only weights); where the file declares its arch or stem, they must agree. A
+    solo-learn file must be asked for as the network solo-learn trained: stem "cifar_pad2" with
+    normalize "cifar10", or stem "imagenet" with normalize "imagenet"; anything else is refused.
     Raises CheckpointFormatError for every file that cannot be read, is refused, or does not fit.
     """
     path = Path(path)
@@ -338,15 +345,25 @@ def load_encoder(
             raise CheckpointFormatError(
                 f"{path}: the {fmt} file declares {field}={value!r} but {field}={requested[field]!r} was requested"
             )
-    if fmt == "solo-learn" and stem == "cifar":
-        # solo-learn's CIFAR conv1 pads by 2 (34x34 maps), ours by 1; the weights fit either way.
-        warnings.warn(
-            f"{path}: solo-learn builds its CIFAR stem with padding 2, advft's 'cifar' stem uses padding 1; "
-            "features will differ somewhat from the original model's",
-            stacklevel=2,
-        )
+    if fmt == "solo-learn":
+        _check_solo_learn(path, stem, normalize)
     encoder.net.load_state_dict(_check_fit(path, fmt, sd, encoder), strict=True)
     return encoder.eval()
+
+
+def _check_solo_learn(path: Path, stem: str, normalize: str) -> None:
+    """The weights of a solo-learn file fit other stems too (padding is not a weight): refuse every model
+    but the one solo-learn trained, since any other computes other features."""
+    if stem not in _SOLO_LEARN:
+        raise CheckpointFormatError(
+            f"{path}: a solo-learn file holds solo-learn's network: set model.stem = 'cifar_pad2' (its CIFAR "
+            f"conv1, 3x3 stride 1 padding 2, no max-pool) or 'imagenet', not {stem!r}"
+        )
+    if normalize != _SOLO_LEARN[stem]:
+        raise CheckpointFormatError(
+            f"{path}: solo-learn trained its {stem} network on inputs normalised with NORMALIZE"
+            f"[{_SOLO_LEARN[stem]!r}]: set model.normalize = '{_SOLO_LEARN[stem]}', not {normalize!r}"
+        )
 
 
 def load_head(path: str | os.PathLike, in_dim: int | None = None) -> nn.Linear:

@@ -206,8 +206,7 @@ def _advft_encoder_file(net: nn.Module, path: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("writer", [_simclr_file, _solo_file, _torchvision_file, _advft_file, _advft_encoder_file])
-@pytest.mark.filterwarnings("ignore:.*solo-learn builds its CIFAR stem")
+@pytest.mark.parametrize("writer", [_simclr_file, _torchvision_file, _advft_file, _advft_encoder_file])
 def test_each_format_loads_to_the_reference_embedding(writer, reference, tmp_path: Path) -> None:
     net, x, expected = reference
     enc = load_encoder(writer(net, tmp_path / "ckpt.pt"), "resnet18", "cifar")
@@ -216,9 +215,45 @@ def test_each_format_loads_to_the_reference_embedding(writer, reference, tmp_pat
         torch.testing.assert_close(enc(x), expected)
 
 
-def test_solo_learn_cifar_stem_padding_is_flagged(reference, tmp_path: Path) -> None:
-    with pytest.warns(UserWarning, match="padding 2"):
-        load_encoder(_solo_file(reference[0], tmp_path / "solo.pt"), "resnet18", "cifar")
+def _solo_learn_reference(stem: str) -> tuple[nn.Module, nn.Module]:
+    """(trunk, network solo-learn evaluates) built by hand as solo-learn builds it: a torchvision resnet18,
+    for CIFAR conv1 = Conv2d(3, 64, 3, stride 1, padding 2, no bias) and no max-pool; inputs normalised by
+    its pretraining transform's mean/std (CIFAR-10 or ImageNet), written out here, not taken from advft."""
+    torch.manual_seed(2)
+    net = torchvision.models.resnet18(weights=None)
+    if stem == "cifar_pad2":
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=2, bias=False)
+        net.maxpool = nn.Identity()
+        mean, std = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+    else:
+        mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    net.fc = nn.Identity()
+    _randomise_bn_stats(net, seed=3)
+    norm = torchvision.transforms.Normalize(mean, std)
+    return net, nn.Sequential(norm, net).eval()
+
+
+@pytest.mark.parametrize(("stem", "normalize", "size"), [("cifar_pad2", "cifar10", 32), ("imagenet", "imagenet", 64)])
+def test_solo_learn_file_loads_as_solo_learns_network_exactly(stem, normalize, size, tmp_path: Path) -> None:
+    trunk, original = _solo_learn_reference(stem)
+    enc = load_encoder(_solo_file(trunk, tmp_path / "solo.pt"), "resnet18", stem, normalize)
+    if stem == "cifar_pad2":
+        assert enc.net.conv1.padding == (2, 2) and isinstance(enc.net.maxpool, nn.Identity)
+    x = _images(size=size)
+    with torch.no_grad():
+        assert torch.equal(enc(x), original(x))  # the same network: equal, not close
+
+
+@pytest.mark.parametrize(("stem", "normalize", "says"), [
+    ("cifar", "cifar10", "set model.stem = 'cifar_pad2'"),  # padding 1: another network with the same weights
+    ("cifar_pad2", "none", "set model.normalize = 'cifar10', not 'none'"),
+    ("cifar_pad2", "imagenet", "set model.normalize = 'cifar10', not 'imagenet'"),
+])
+def test_solo_learn_file_as_another_network_is_refused(stem, normalize, says, tmp_path: Path) -> None:
+    trunk, _ = _solo_learn_reference("cifar_pad2")
+    with pytest.raises(CheckpointFormatError, match=says) as e:
+        load_encoder(_solo_file(trunk, tmp_path / "solo.pt"), "resnet18", stem, normalize)
+    assert "\n" not in str(e.value)
 
 
 def test_wrapper_prefixes_are_stripped(reference, tmp_path: Path) -> None:
