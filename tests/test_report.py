@@ -1,4 +1,5 @@
-"""Sweep reports from fake run folders: statuses, mean ± std over seeds, REPORT.md, PNGs, the CLI, wandb.
+"""Sweep reports from fake run folders: statuses, means and 95 % intervals over seeds, REPORT.md (its claims
+follow the intervals), PNGs, the CLI, wandb.
 
 The fake sweep: alpha in {0, 0.1, 1} x lr in {1e-4, 1e-3}; (0, 1e-4) has two finished seeds, (1, 1e-4) is
 still running, (0, 1e-3) failed, (1, 1e-3) was planned in sweep.json but never started (missing).
@@ -129,17 +130,21 @@ def test_load_sweep_statuses_and_missing_run(sweep_dir: Path) -> None:
     assert sweep.name == "demo"
 
 
-def test_aggregate_mean_std_over_seeds(sweep_dir: Path) -> None:
+def test_aggregate_mean_and_interval_over_seeds(sweep_dir: Path) -> None:
     points = {(p.alpha, p.lr): p for p in R.aggregate(R.load_sweep(sweep_dir).runs)}
     assert len(points) == 6
     two = points[(0.0, 1e-4)]
     clean = two.final("clean_acc")
-    assert clean.n == 2 and clean.mean == pytest.approx(72.0)
+    assert clean.n == 2 and clean.mean == pytest.approx(72.0) and clean.method == "t"
     assert clean.std == pytest.approx(statistics.stdev([70.0, 74.0]))
-    assert clean.text() == "72.0 ± 2.8 (n=2)"
-    assert two.final("robust_acc").text() == "25.0 ± 7.1 (n=2)"
+    half = R.t975(1) * statistics.stdev([70.0, 74.0]) / math.sqrt(2)
+    assert (clean.lo, clean.hi) == pytest.approx((72.0 - half, 72.0 + half))
+    assert clean.text() == "72.0 [46.6, 97.4] (2 seeds)"
+    assert two.final("robust_acc").text() == "25.0 [0.0, 88.5] (2 seeds)"  # clipped at 0
+    # two seeds that agree exactly are still n_test images each: never narrower than one run's Wilson interval
+    assert (two.initial("clean_acc").lo, two.initial("clean_acc").hi) == pytest.approx(R.wilson(85.0, 200))
     single = points[(0.1, 1e-4)].final("clean_acc")
-    assert single.std is None and single.text() == "80.0"
+    assert single.std is None and single.method == "wilson" and single.text() == "80.0 [73.9, 85.0] (n=200)"
     assert points[(1.0, 1e-4)].final("clean_acc") is None  # running: no final value is invented
     assert points[(1.0, 1e-4)].initial("clean_acc").mean == 85.0
     assert points[(0.0, 1e-3)].status_text() == "failed"
@@ -184,31 +189,117 @@ def test_report_renders_with_one_run_missing(sweep_dir: Path, tmp_path: Path) ->
     assert COMMIT in md and "local, profile local" in md and "2026-01-02T03:00:00" in md
     assert "- runs: 7: 4 finished, 1 running, 1 failed, 1 missing" in md
     assert "apgd-ce100+apgd-t100x9 at eps 8/255" in md
-    # the alpha x lr matrices: initial -> final, mean ± std over seeds, statuses in place of missing values
+    # the alpha x lr matrices: initial -> final with 95 % intervals, statuses in place of missing values
     clean = md.split("**Clean accuracy (%), initial -> final (strong attack)**")[1].split("**Robust")[0]
     assert "| alpha \\ lr | 0.0001 | 0.001 |" in clean
-    assert "| 0 | 85.0 ± 0.0 (n=2) -> 72.0 ± 2.8 (n=2) | 85.0 -> failed |" in clean
-    assert "| 0.1 | 85.0 -> 80.0 | 85.0 -> 60.0 |" in clean
-    assert "| 1 | 85.0 -> running | ? -> missing |" in clean
-    robust = md.split("**Robust accuracy (%), initial -> final (strong attack)**")[1].split("**Per point")[0]
-    assert "| 0 | 2.0 ± 0.0 (n=2) -> 25.0 ± 7.1 (n=2) | 2.0 -> failed |" in robust
+    assert ("| 0 | 85.0 [79.4, 89.3] (2 seeds) -> 72.0 [46.6, 97.4] (2 seeds) | 85.0 [79.4, 89.3] (n=200) -> "
+            "failed |") in clean
+    assert ("| 0.1 | 85.0 [79.4, 89.3] (n=200) -> 80.0 [73.9, 85.0] (n=200) | 85.0 [79.4, 89.3] (n=200) -> "
+            "60.0 [53.1, 66.5] (n=200) |") in clean
+    assert "| 1 | 85.0 [79.4, 89.3] (n=200) -> running | ? -> missing |" in clean
+    robust = md.split("**Robust accuracy (%), initial -> final (strong attack)**")[1].split("**What")[0]
+    assert "| 0 | 2.0 [0.8, 5.0] (2 seeds) -> 25.0 [0.0, 88.5] (2 seeds) | 2.0 [0.8, 5.0] (n=200) -> failed |" in robust
     # the last routine evaluation of the two seeds at step 40: clean 76 and 77, robust 25 in both
-    assert ("| 0 | 0.0001 | 2 | 85.0 ± 0.0 (n=2) -> 72.0 ± 2.8 (n=2) | 2.0 ± 0.0 (n=2) -> 25.0 ± 7.1 (n=2) | "
-            "76.5 ± 0.7 (n=2) / 25.0 ± 0.0 (n=2) (40) | finished |") in md
-    assert "| 1 | 0.0001 | 1 | 85.0 -> running | 2.0 -> running | 78.0 / 15.0 (20) | running |" in md
+    assert ("| 0 | 0.0001 | 2 | 85.0 [79.4, 89.3] (2 seeds) -> 72.0 [46.6, 97.4] (2 seeds) | 2.0 [0.8, 5.0] "
+            "(2 seeds) -> 25.0 [0.0, 88.5] (2 seeds) | 76.5 [70.1, 82.9] (2 seeds) / 25.0 [19.5, 31.4] (2 seeds) "
+            "(40) | finished |") in md
+    assert ("| 1 | 0.0001 | 1 | 85.0 [79.4, 89.3] (n=200) -> running | 2.0 [0.8, 5.0] (n=200) -> running | "
+            "78.0 [71.8, 83.2] (n=200) / 15.0 [10.7, 20.6] (n=200) (20) | running |") in md
+    # what the numbers support: lr at alpha = 0.1 separates (intervals apart), alpha at lr = 1e-4 does not
+    found = md.split("**What the numbers support**")[1].split("**Per point")[0]
+    assert ("- Final clean accuracy, alpha = 0.1, over 2 values of lr: from 60.0 % (lr = 0.001) to 80.0 % "
+            "(lr = 0.0001), a spread of 20.0 points. Extremes of lr: higher at lr = 0.0001 (80.0 % [73.9, 85.0]) "
+            "than at lr = 0.001 (60.0 % [53.1, 66.5]): the 95 % intervals do not overlap.") in found
+    assert ("- Final robust accuracy, lr = 0.0001, over 2 values of alpha: from 15.0 % (alpha = 0.1) to 25.0 % "
+            "(alpha = 0), a spread of 10.0 points. Extremes of alpha: alpha = 0 25.0 % [0.0, 88.5], alpha = 0.1 "
+            "15.0 % [10.7, 20.6]: the difference is within the 95 % intervals, not resolved by this sweep.") in found
+    assert ("- Robust accuracy, alpha = 0.1, lr = 0.001: higher at the end (35.0 % [28.7, 41.8]) than at step 0 "
+            "(2.0 % [0.8, 5.0]): the 95 % intervals do not overlap.") in found
     # per-run status
     assert "**failed**: non-finite loss at step 12" in md
     assert "running (step 20/40)" in md
     assert f"| `{MISSING}` | 1 | 0.001 | 0 | missing (planned, never started) | - | - |" in md
+    assert ("| `alpha=0,lr=0.0001,seed=0-aaaa0000` | 0 | 0.0001 | 0 | finished | 85.0 [79.4, 89.3] / 2.0 [0.8, 5.0] "
+            "(n=200) | 70.0 [63.3, 75.9] / 20.0 [15.0, 26.1] (n=200) |") in md
     assert "## How to read this" in md
     # figures: embedded with relative links, every one a real PNG of a sensible size
     links = [line[line.index("](") + 2:-1] for line in md.splitlines() if line.startswith("![")]
-    assert {Path(link).name for link in links} == {"accuracy_by_alpha.png", "accuracy_by_lr.png", "loss_by_alpha.png",
-                                                    "loss_by_lr.png", "final_heatmaps.png"}
+    assert {Path(link).name for link in links} == {"tradeoff.png", "accuracy_by_alpha.png", "accuracy_by_lr.png",
+                                                    "loss_by_alpha.png", "loss_by_lr.png", "final_heatmaps.png"}
     for link in links:
         assert not Path(link).is_absolute() and link.startswith("figures/")
         w, h = _png_size(sweep_dir / link)
         assert w >= 300 and h >= 200
+
+
+def _alpha_sweep(d: Path, finals: dict[float, tuple[float, float]], n_test: int, lrs=(1e-4,)) -> Path:
+    """Finished single-seed runs, one per (alpha, lr), evaluated on n_test images."""
+    for lr in lrs:
+        for alpha, (clean, robust) in finals.items():
+            run = make_run(d, f"alpha={alpha},lr={lr}", alpha, lr, 0, "finished", clean, robust)
+            res = json.loads((run / "results.json").read_text())
+            for part in ("initial", "final"):
+                res[part]["n_test"] = n_test
+            (run / "results.json").write_text(json.dumps(res))
+    return d
+
+
+CAUSAL = ("because", "due to", "leads to", "causes", "at some cost", "keeps clean", "improv", "trade-off")
+
+
+@pytest.mark.parametrize(("n_test", "resolved"), [(200, False), (10000, True)])
+def test_claims_follow_the_intervals(tmp_path: Path, n_test: int, resolved: bool) -> None:
+    """70 % vs 74 % clean: inside the intervals on 200 images, apart on 10 000; robust 20 % vs 21 % stays
+    inside on both. The report says 'higher' only for what separates, states clean and robust spreads
+    separately, and never says why."""
+    d = _alpha_sweep(tmp_path / f"sw{n_test}", {0.0: (70.0, 20.0), 0.5: (73.0, 20.5), 1.0: (74.0, 21.0)}, n_test)
+    md = R.render_markdown(R.load_sweep(d))
+    found = md.split("**What the numbers support**")[1].split("**Per point")[0]
+    clean = next(line for line in found.splitlines() if line.startswith("- Final clean accuracy, lr = 0.0001"))
+    robust = next(line for line in found.splitlines() if line.startswith("- Final robust accuracy, lr = 0.0001"))
+    assert "from 70.0 % (alpha = 0) to 74.0 % (alpha = 1), a spread of 4.0 points" in clean
+    assert "from 20.0 % (alpha = 0) to 21.0 % (alpha = 1), a spread of 1.0 points" in robust
+    if resolved:
+        assert "higher at alpha = 1 (74.0 % [73.1, 74.9]) than at alpha = 0 (70.0 % [69.1, 70.9])" in clean
+    else:
+        assert "higher" not in clean and "within the 95 % intervals, not resolved by this sweep" in clean
+    assert "higher" not in robust and "within the 95 % intervals" in robust
+    assert not any(word in md.lower() for word in CAUSAL)
+
+
+def test_figures_tradeoff_scatter_fitted_heatmap_and_by_lr_only_for_several_lrs(tmp_path: Path,
+                                                                                monkeypatch) -> None:
+    pytest.importorskip("matplotlib")
+    from matplotlib.axes import Axes
+
+    calls: dict[str, list] = {"imshow": [], "errorbar": []}
+    for name in calls:
+        real = getattr(Axes, name)
+
+        def spy(self, *a, _real=real, _name=name, **kw):
+            calls[_name].append((a, kw))
+            return _real(self, *a, **kw)
+
+        monkeypatch.setattr(Axes, name, spy)
+    one_lr = _alpha_sweep(tmp_path / "one", {0.0: (70.0, 20.0), 1.0: (74.0, 30.0)}, 1000)
+    paths = R.render_figures(R.load_sweep(one_lr), tmp_path / "one_fig")
+    assert sorted(p.name for p in paths) == ["accuracy_by_alpha.png", "final_heatmaps.png", "loss_by_alpha.png",
+                                             "tradeoff.png"]
+    for p in paths:
+        w, h = _png_size(p)
+        assert w >= 300 and h >= 200
+    # the heatmaps' colour scales are the values' own ranges, not 0-100
+    assert [(kw["vmin"], kw["vmax"]) for _, kw in calls["imshow"]] == [(70.0, 74.0), (20.0, 30.0)]
+    # the scatter: clean on x, robust on y, both with their 95 % intervals (alpha = 1: 74 % and 30 % of 1000)
+    lo_c, hi_c = R.wilson(74.0, 1000)
+    lo_r, hi_r = R.wilson(30.0, 1000)
+    bars = [(sum(kw["xerr"], []), sum(kw["yerr"], [])) for a, kw in calls["errorbar"] if a == ([74.0], [30.0])]
+    assert len(bars) == 1
+    assert bars[0][0] == pytest.approx([74.0 - lo_c, hi_c - 74.0]) and bars[0][1] == pytest.approx([30.0 - lo_r, hi_r - 30.0])
+    two_lrs = _alpha_sweep(tmp_path / "two", {0.0: (70.0, 20.0), 1.0: (74.0, 30.0)}, 1000, lrs=(1e-4, 1e-3))
+    names = {p.name for p in R.render_figures(R.load_sweep(two_lrs), tmp_path / "two_fig")}
+    assert {"accuracy_by_lr.png", "loss_by_lr.png", "tradeoff.png"} <= names
+    assert R.colour_range([50.0, 50.0]) == (49.0, 51.0)
 
 
 def test_report_to_another_folder_and_without_sweep_json(sweep_dir: Path, tmp_path: Path) -> None:
@@ -218,7 +309,7 @@ def test_report_to_another_folder_and_without_sweep_json(sweep_dir: Path, tmp_pa
     md = path.read_text()
     assert path == out / "REPORT.md" and (out / "figures" / "final_heatmaps.png").is_file()
     assert "- runs: 6: 4 finished, 1 running, 1 failed" in md and "missing" not in md.split("## How to read")[0]
-    assert "| 1 | 85.0 -> running | - |" in md  # the point that never started is simply not in the grid
+    assert "| 1 | 85.0 [79.4, 89.3] (n=200) -> running | - |" in md  # the point never started is not in the grid
     assert "](figures/final_heatmaps.png)" in md
     assert not (sweep_dir / "REPORT.md").exists()
 
@@ -331,7 +422,7 @@ def test_cli_wandb_online_publishes_the_same_panels(sweep_dir: Path, capsys, mon
     runset = grids[0].kwargs["runsets"][0]
     assert runset.kwargs["filters"] == "Metric('Group') == 'demo'"  # the sweep's runs: wandb group = sweep name
     (md,) = [b for b in report.kwargs["blocks"] if type(b).__name__ == "MarkdownBlock"]
-    assert "72.0 ± 2.8 (n=2)" in md.kwargs["text"]
+    assert "72.0 [46.6, 97.4] (2 seeds)" in md.kwargs["text"]
 
 
 def test_cli_wandb_publish_failure_is_one_line_exit_1(sweep_dir: Path, capsys, monkeypatch) -> None:

@@ -2,7 +2,7 @@
 optionally publish the same panels as a wandb report.
 
     load_sweep(dir)  -> Sweep (runs.py)        every planned or present run, its status and records
-    aggregate(runs)  -> [Point] (stats.py)     seeds of one (setting, alpha, lr) together: mean ± std, n
+    aggregate(runs)  -> [Point] (stats.py)     seeds of one (setting, alpha, lr) together: mean, 95 % interval, n
     render_markdown / render_figures           REPORT.md's text (markdown.py), the PNGs (figures.py)
     wandb_report / publish_wandb               the wandb mirror (publish.py)
     write_report(dir, out)                     all of the above, offline; returns REPORT.md's path
@@ -12,8 +12,9 @@ Conventions of every number shown:
   the attack named in the record, at the run's eps (units of 1/255);
 - ``initial`` and ``final`` are the strong-attack evaluations (``eval_final``: APGD-CE + APGD-T) at step 0
   and at the last step; the curves are the routine evaluations (``eval``, the weaker APGD-CE) in between;
-- runs that differ only in ``run.seed`` form one point; a point shows ``mean ± std (n=k)``, std being the
-  sample standard deviation (n - 1 in the denominator), only when k >= 2.
+- every accuracy carries its 95 % interval: one run's is the Wilson score interval over its n test images,
+  a point of k >= 2 seeds (runs that differ only in ``run.seed``) shows the mean and the Student-t interval
+  of the mean over the seeds (``stats.py``); the text claims a difference only where intervals do not overlap.
 
 ``import advft.report`` needs neither matplotlib nor wandb: figures.py imports matplotlib (Agg backend)
 when drawing, publish.py imports wandb-workspaces when publishing.
@@ -23,18 +24,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from advft.report.figures import plot_curves, plot_heatmaps, render_figures
+from advft.report.figures import colour_range, plot_curves, plot_heatmaps, plot_tradeoff, render_figures
 from advft.report.markdown import render_markdown
 from advft.report.publish import publish_wandb, wandb_report, wandb_unavailable
 from advft.report.runs import STATUSES, ReportError, Run, Sweep, load_sweep
-from advft.report.stats import Point, Stat, aggregate, curve, stat
+from advft.report.stats import Point, Stat, aggregate, apart, curve, stat, t975, wilson
 
 REPORT_MD = "REPORT.md"
 FIG_DIR = "figures"
 
-__all__ = ["FIG_DIR", "REPORT_MD", "STATUSES", "Point", "ReportError", "Run", "Stat", "Sweep", "aggregate", "curve",
-           "load_sweep", "plot_curves", "plot_heatmaps", "publish_wandb", "render_figures", "render_markdown",
-           "stat", "wandb_report", "wandb_unavailable", "write_report"]
+__all__ = ["FIG_DIR", "REPORT_MD", "STATUSES", "Point", "ReportError", "Run", "Stat", "Sweep", "aggregate", "apart",
+           "colour_range", "curve", "load_sweep", "plot_curves", "plot_heatmaps", "plot_tradeoff", "publish_wandb",
+           "render_figures", "render_markdown", "stat", "t975", "wandb_report", "wandb_unavailable", "wilson",
+           "write_report"]
 
 
 def write_report(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:

@@ -1,8 +1,11 @@
-"""The report's PNGs (matplotlib, Agg backend, imported only when drawing): accuracy and training loss vs
-step, one line per alpha (panels per lr) and per lr (panels per alpha), and final alpha x lr heatmaps.
+"""The report's PNGs (matplotlib, Agg backend, imported only when drawing): the final clean-vs-robust
+trade-off (one point per alpha with its 95 % intervals, one colour per lr), accuracy and training loss vs
+step, one line per alpha (panels per lr) and, when the sweep has several lrs, per lr (panels per alpha),
+and final alpha x lr heatmaps whose colour scale spans the values shown.
 
 Lines are means over seeds with a ±std band; finished points are solid, running ones dashed, failed ones
-dotted and end in a cross; points with nothing to draw are named under the figure.
+dotted and end in a cross; points with nothing to draw are named under the figure. Strong-attack markers
+carry their 95 % intervals (advft.report.stats).
 """
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ from typing import Any, Sequence
 
 from advft.report.markdown import ACC_KEYS, num
 from advft.report.runs import Sweep
-from advft.report.stats import Point, aggregate, curve
+from advft.report.stats import Point, Stat, aggregate, curve
 
 LOSS_KEYS = (("adv_loss", "adversarial loss"), ("clean_loss", "clean loss"))
 
@@ -96,7 +99,7 @@ def plot_curves(points: Sequence[Point], path: Path, *, by: str, kind: str,
                     end = max(r.steps or steps[-1] for r in runs)
                     for when, st in ((0, p.initial(key)), (end, p.final(key))):
                         if st is not None:
-                            ax.errorbar([when], [st.mean], yerr=[st.std or 0.0], marker="o", markerfacecolor="none",
+                            ax.errorbar([when], [st.mean], yerr=_err(st), marker="o", markerfacecolor="none",
                                         color=colour, capsize=3, linestyle="none")
             ax.set_title(f"{label}, {other}={num(cv)}", fontsize=9)
             if row == len(keys) - 1:
@@ -117,7 +120,8 @@ def plot_curves(points: Sequence[Point], path: Path, *, by: str, kind: str,
             ax.grid(alpha=0.3)
     notes = []
     if kind == "eval":
-        notes.append("lines: routine attack; hollow circles: strong attack at step 0 and at the end")
+        notes.append("lines: routine attack; hollow circles: strong attack at step 0 and at the end, bars: 95 % "
+                     "interval")
     else:
         notes.append("runs at alpha = 0 have no clean term, hence no clean-loss line")
     notes.append("solid: finished, dashed: running, dotted + x: failed; band: ±std over seeds")
@@ -133,9 +137,66 @@ def plot_curves(points: Sequence[Point], path: Path, *, by: str, kind: str,
     return path
 
 
+def _err(st: Stat) -> list[list[float]]:
+    """Asymmetric error bar of a 95 % interval (zero length when the interval is unknown)."""
+    if not st.has_interval:
+        return [[0.0], [0.0]]
+    return [[st.mean - st.lo], [st.hi - st.mean]]  # type: ignore[operator]
+
+
+def plot_tradeoff(points: Sequence[Point], path: Path) -> Path | None:
+    """Final clean (x) against final robust (y) accuracy, strong attack: one marker per alpha with its 95 %
+    intervals on both axes, one colour per lr, alpha written next to it; step 0 (the base encoder) as a
+    grey star per lr. None when no point has finished."""
+    done = [(p, c, r) for p in points if (c := p.final("clean_acc")) is not None
+            and (r := p.final("robust_acc")) is not None]
+    if not done:
+        return None
+    plt = _plt()
+    lrs = sorted({p.lr for p, _, _ in done})
+    colours = {lr: plt.get_cmap("tab10")(i % 10) for i, lr in enumerate(lrs)}
+    fig, ax = plt.subplots(figsize=(6.0, 4.8))
+    for lr in lrs:
+        line = sorted(((p, c, r) for p, c, r in done if p.lr == lr), key=lambda t: t[0].alpha)
+        for p, c, r in line:
+            ax.errorbar([c.mean], [r.mean], xerr=_err(c), yerr=_err(r), marker="o", color=colours[lr],
+                        capsize=3, linestyle="none")
+            ax.annotate(f"α={num(p.alpha)}", (c.mean, r.mean), textcoords="offset points", xytext=(5, 5), fontsize=8,
+                        color=colours[lr])
+        ax.plot([c.mean for _, c, _ in line], [r.mean for _, _, r in line], color=colours[lr], alpha=0.4,
+                label=f"lr={num(lr)}")
+        base = [(p.initial("clean_acc"), p.initial("robust_acc")) for p, _, _ in line]
+        base = [(c, r) for c, r in base if c is not None and r is not None]
+        if base:
+            c0, r0 = base[0]
+            ax.errorbar([c0.mean], [r0.mean], xerr=_err(c0), yerr=_err(r0), marker="*", markersize=11, color="grey",
+                        capsize=3, linestyle="none")
+    ax.plot([], [], marker="*", color="grey", linestyle="none", label="step 0 (base encoder)")
+    ax.set_xlabel("final clean accuracy (%)")
+    ax.set_ylabel("final robust accuracy (%)")
+    ax.set_title("clean vs robust accuracy (strong attack), bars: 95 % intervals", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    _margins(fig, bottom=0.6)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def colour_range(values: Sequence[float]) -> tuple[float, float]:
+    """The heatmap's colour scale: the values' own range (a few points of margin when they are all equal),
+    so that differences of a few points are visible instead of lost on a 0-100 scale."""
+    lo, hi = min(values), max(values)
+    if hi - lo < 1e-9:
+        return lo - 1.0, hi + 1.0
+    return lo, hi
+
+
 def plot_heatmaps(points: Sequence[Point], path: Path) -> Path | None:
-    """Final strong-attack clean and robust accuracy over alpha (rows) x lr (columns), mean ± std over
-    finished seeds; a cell without a finished run shows its status instead."""
+    """Final strong-attack clean and robust accuracy over alpha (rows) x lr (columns), mean and 95 % interval
+    over finished seeds, each panel's colour scale fitted to its values; a cell without a finished run shows
+    its status instead."""
     alphas = sorted({p.alpha for p in points})
     lrs = sorted({p.lr for p in points})
     if not alphas:
@@ -155,7 +216,9 @@ def plot_heatmaps(points: Sequence[Point], path: Path) -> Path | None:
                 if st is not None:
                     grid[i, j] = st.mean
         cmap = plt.get_cmap("viridis").with_extremes(bad="#d9d9d9")  # no finished run: grey, status written in
-        im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=100, aspect="auto")
+        finite = [float(v) for v in grid.ravel() if np.isfinite(v)]
+        vmin, vmax = colour_range(finite) if finite else (0.0, 100.0)
+        im = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=vmin, vmax=vmax, aspect="auto")
         for i, a in enumerate(alphas):
             for j, lr in enumerate(lrs):
                 p = at.get((a, lr))
@@ -163,10 +226,12 @@ def plot_heatmaps(points: Sequence[Point], path: Path) -> Path | None:
                 if st is None:
                     text, colour = (p.status_text() if p else "not in grid").replace(", ", "\n"), "black"
                 else:
-                    text = f"{st.mean:.1f}" + (f"\n±{st.std:.1f} (n={st.n})" if st.std is not None else "")
+                    text = f"{st.mean:.1f}" + (f"\n{st.interval_text()}" if st.has_interval else "")
+                    text += f"\n({st.n} seeds)" if st.n > 1 else ""
                     if p.status_text():
                         text += f"\n[{p.status_text()}]"
-                    colour = "white" if st.mean < 60 else "black"
+                    # viridis is dark in its lower half: white text there
+                    colour = "white" if (st.mean - vmin) < 0.5 * (vmax - vmin) else "black"
                 ax.text(j, i, text, ha="center", va="center", fontsize=8, color=colour)
         ax.set_xticks(range(len(lrs)), [num(v) for v in lrs])
         ax.set_yticks(range(len(alphas)), [num(v) for v in alphas])
@@ -186,13 +251,15 @@ def _slug(setting: str) -> str:
 
 
 def render_figures(sweep: Sweep, fig_dir: Path) -> list[Path]:
-    """All PNGs of the report, per setting: accuracy and loss vs step by alpha and by lr, final heatmaps."""
+    """All PNGs of the report, per setting: the clean-vs-robust trade-off, accuracy and loss vs step by alpha
+    (and by lr when there are several lrs), final heatmaps."""
     points = aggregate(sweep.runs)
     out: list[Path] = []
     for setting in sorted({p.setting for p in points}):
         sub = [p for p in points if p.setting == setting]
         pre = f"{_slug(setting)}_" if setting else ""
-        for by in ("alpha", "lr"):
+        out.append(plot_tradeoff(sub, fig_dir / f"{pre}tradeoff.png"))
+        for by in ("alpha", "lr") if len({p.lr for p in sub}) > 1 else ("alpha",):
             out.append(plot_curves(sub, fig_dir / f"{pre}accuracy_by_{by}.png", by=by, kind="eval", keys=ACC_KEYS))
             out.append(plot_curves(sub, fig_dir / f"{pre}loss_by_{by}.png", by=by, kind="train", keys=LOSS_KEYS))
         out.append(plot_heatmaps(sub, fig_dir / f"{pre}final_heatmaps.png"))

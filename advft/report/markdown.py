@@ -1,4 +1,5 @@
-"""REPORT.md's text: sweep facts, the alpha x lr tables (initial -> final, mean ± std), runs, figures."""
+"""REPORT.md's text: sweep facts, the alpha x lr tables (initial -> final, each with its 95 % interval), what
+the numbers support (a difference is stated only where the intervals do not overlap), runs, figures."""
 from __future__ import annotations
 
 import datetime
@@ -8,13 +9,18 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from advft.report.runs import STATUSES, Run, Sweep, fmt_value
-from advft.report.stats import Point, aggregate
+from advft.report.stats import Point, Stat, aggregate, apart, stat
 
 ACC_KEYS = (("clean_acc", "clean accuracy (%)"), ("robust_acc", "robust accuracy (%)"))
 
 
 def num(v: float | None) -> str:
     return "-" if v is None else f"{v:g}"  # None: a weight the run's loss does not read
+
+
+INTERVALS = ("95 % intervals: for one run, the Wilson score interval of its accuracy over its n test images; "
+             "over k seeds, the Student-t interval of the mean of the k accuracies, widened where needed to "
+             "the Wilson interval of the mean over one run's n test images (seeds may share their test images).")
 
 
 def _cell(p: Point | None, key: str) -> str:
@@ -64,7 +70,50 @@ def _attack_line(points: Sequence[Point]) -> str:
     eps = sorted({fmt_value(f.get("eps", "?")) for f in finals})
     n = sorted({str(f.get("n_test", "?")) for f in finals})
     return (f"Strong attack: {', '.join(attacks)} at eps {', '.join(eps)}/255 (L-inf), on {', '.join(n)} test "
-            f"images, linear probe on the frozen encoder.")
+            f"images per run, linear probe on the frozen encoder.")
+
+
+def _pct(st: Stat) -> str:
+    return f"{st.mean:.1f} % {st.interval_text()}".rstrip()
+
+
+def _compare(a_label: str, a: Stat, b_label: str, b: Stat) -> str:
+    """Two values of one quantity: which is higher only when their 95 % intervals do not overlap."""
+    if apart(a, b):
+        (hi_l, hi), (lo_l, lo) = sorted([(a_label, a), (b_label, b)], key=lambda t: -t[1].mean)
+        return f"higher at {hi_l} ({_pct(hi)}) than at {lo_l} ({_pct(lo)}): the 95 % intervals do not overlap."
+    values = f"{a_label} {_pct(a)}, {b_label} {_pct(b)}"
+    if not (a.has_interval and b.has_interval):
+        return f"{values}: no interval (unknown number of test images), so no difference is claimed."
+    return f"{values}: the difference is within the 95 % intervals, not resolved by this sweep."
+
+
+def _findings(points: Sequence[Point]) -> list[str]:
+    """What the final (strong-attack) numbers support, clean and robust separately: along alpha at each lr and
+    along lr at each alpha, the spread of the means and a comparison of the axis' two extreme values; per
+    point, the end against step 0. Finished runs only; nothing is said about why."""
+    out: list[str] = []
+    for axis, other in (("alpha", "lr"), ("lr", "alpha")):
+        for ov in sorted({getattr(p, other) for p in points}):
+            line = sorted((p for p in points if getattr(p, other) == ov), key=lambda p: getattr(p, axis))
+            for key, label in ACC_KEYS:
+                finals = [(f"{axis} = {num(getattr(p, axis))}", st) for p in line if (st := p.final(key)) is not None]
+                if len(finals) < 2:
+                    continue
+                lo = min(finals, key=lambda t: t[1].mean)
+                hi = max(finals, key=lambda t: t[1].mean)
+                out.append(f"- Final {label.split(' (')[0]}, {other} = {num(ov)}, over {len(finals)} values of {axis}: "
+                           f"from {lo[1].mean:.1f} % ({lo[0]}) to {hi[1].mean:.1f} % ({hi[0]}), a spread of "
+                           f"{hi[1].mean - lo[1].mean:.1f} points. Extremes of {axis}: "
+                           + _compare(*finals[0], *finals[-1]))
+    for p in points:
+        for key, label in ACC_KEYS:
+            i, f = p.initial(key), p.final(key)
+            if i is not None and f is not None:
+                name = label.split(" (")[0]
+                out.append(f"- {name[0].upper() + name[1:]}, alpha = {num(p.alpha)}, lr = {num(p.lr)}: "
+                           + _compare("the end", f, "step 0", i))
+    return out or ["- No two finished values to compare yet."]
 
 
 def _matrix(points: Sequence[Point], key: str) -> list[str]:
@@ -89,9 +138,16 @@ def _status_text(r: Run) -> str:
 
 
 def _acc_pair(d: Mapping[str, Any]) -> str:
+    """One run's clean / robust accuracy with their Wilson intervals and n."""
     if "clean_acc" not in d:
         return "-"
-    return f"{d['clean_acc']:.1f} / {d.get('robust_acc', float('nan')):.1f}"
+    n = d.get("n_test") if isinstance(d.get("n_test"), int) else None
+    parts = []
+    for key in ("clean_acc", "robust_acc"):
+        v = d.get(key)
+        st = stat([float(v)], [n]) if isinstance(v, (int, float)) else None
+        parts.append(f"{st.mean:.1f} {st.interval_text()}".rstrip() if st else "?")
+    return " / ".join(parts) + (f" (n={n})" if n is not None else "")
 
 
 def render_markdown(sweep: Sweep, figures: Sequence[Path] = (), out_dir: Path | None = None) -> str:
@@ -99,14 +155,16 @@ def render_markdown(sweep: Sweep, figures: Sequence[Path] = (), out_dir: Path | 
     points = aggregate(sweep.runs)
     out = [f"# Sweep report: {sweep.name}", "", *_facts(sweep), ""]
     out += ["## Results: alpha x lr", "", _attack_line(points),
-            "Each cell: accuracy (%) at step 0 -> at the end. `mean ± std (n=k)` over k seeds where several exist; "
-            "final values average finished runs only, the others are named in the cell.", ""]
+            "Each cell: accuracy (%) at step 0 -> at the end, `mean [95 % interval]`, with n test images for one "
+            "run or the number of seeds it averages; final values average finished runs only, the others are "
+            "named in the cell. " + INTERVALS, ""]
     for setting in sorted({p.setting for p in points}):
         sub = [p for p in points if p.setting == setting]
         if setting:
             out += [f"### Setting `{setting}`", ""]
         for key, label in ACC_KEYS:
             out += [f"**{label[0].upper() + label[1:]}, initial -> final (strong attack)**", "", *_matrix(sub, key), ""]
+        out += ["**What the numbers support**", "", *_findings(sub), ""]
         out += ["**Per point**", "",
                 "| alpha | lr | runs | clean % initial -> final | robust % initial -> final | last routine eval clean / robust % (step) | status |",
                 "|---|---|---|---|---|---|---|"]
@@ -135,10 +193,10 @@ def render_markdown(sweep: Sweep, figures: Sequence[Path] = (), out_dir: Path | 
             "- *initial* is the pretrained encoder (step 0), *final* the fine-tuned one, both under the strong "
             "attack; the curves use the cheaper routine attack, so robust curves sit above the strong-attack "
             "markers (a robust curve far above them suggests the routine attack is too weak to trust alone).",
-            "- alpha weights the clean term: alpha = 0 is pure FARE; larger alpha keeps clean accuracy closer to "
-            "the original at some cost in robustness.",
-            "- ± is the sample standard deviation over seeds; a single-seed number carries no spread, read small "
-            "differences between cells with care.",
+            "- alpha weights the clean term: alpha = 0 is pure FARE. \"What the numbers support\" states a "
+            "difference between values only where the intervals allow it, and never why it arises.",
+            f"- {INTERVALS} Two values are called different only when their intervals do not overlap (a "
+            "conservative rule); the report compares the extreme values of an axis, not every pair.",
             "- *running* means the run's folder does not say it ended: a job killed without a trace looks the "
             "same; its job log (under `.submitit/`) tells. *missing* runs were planned but never started; rerun "
             "the sweep command to start them.", ""]
