@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
-ALIASES = {"alpha": "loss.alpha", "beta": "loss.beta", "lr": "optim.lr"}
+ALIASES = {"alpha": "loss.alpha", "beta": "loss.beta", "lr": "optim.lr", "seed": "run.seed"}
 log = logging.getLogger(__name__)
 CHECKOUT = Path(__file__).resolve().parent.parent  # where jobs/ lives
 
@@ -213,6 +213,12 @@ class EvalConfig(Section):
     attack_steps: int = ranged(10, ge=1)  # APGD-CE steps during training
     final_attack_steps: int = ranged(100, ge=1)  # APGD-CE steps at the end
     final_targets: int = ranged(9, ge=0, le=99)  # APGD-T target classes at the end (0 = none)
+    # The strong evaluations (step 0 and the end) on more images than the routine ones, so that their 95 %
+    # intervals can resolve alpha (0 = the routine size); the CIFAR-10 / ImageNet jobs set them
+    final_test_size: int = ranged(0, ge=0, why="0 = the routine size")
+    final_probe_train_size: int = ranged(0, ge=0, why="0 = the routine size")
+    # apgd: advft's APGD-CE + APGD-T above | autoattack: AutoAttack's standard ensemble (pip install pyautoattack)
+    final_attack: Literal["apgd", "autoattack"] = "apgd"
 
 
 @dataclass(frozen=True)
@@ -484,6 +490,8 @@ def validate(cfg: Config, world_size: int = 1, check_paths: bool = True, checkpo
           "attack.objective = 'ce_head' needs model.head (a linear head file)")
     _need(cfg.eval.head != "fixed" or bool(cfg.model.head), "eval.head = 'fixed' needs model.head (a linear head file)")
     check_data(cfg.data, check_paths)
+    if cfg.eval.final_attack == "autoattack":
+        _check_extra("autoattack", "eval.final_attack")
     if check_paths:
         _need(bool(cfg.model.checkpoint), "model.checkpoint is empty; fine-tuning needs the pretrained base encoder file")
         for key, value in (("model.checkpoint", cfg.model.checkpoint), ("model.head", cfg.model.head)):
@@ -522,16 +530,16 @@ def _check_held_out(data: DataConfig, check_paths: bool) -> None:
     _need(problem is None, problem or "")
 
 
-def _check_extra(fmt: str) -> None:
+def _check_extra(fmt: str, key: str = "data.format") -> None:
     import importlib.util
 
-    mod = {"ffcv": "ffcv", "dali": "nvidia.dali"}[fmt]
+    mod = {"ffcv": "ffcv", "dali": "nvidia.dali", "autoattack": "pyautoattack"}[fmt]
     try:
         found = importlib.util.find_spec(mod) is not None
     except ModuleNotFoundError:
         found = False
     if not found:
-        raise ConfigError(f"data.format = '{fmt}' needs the {fmt} package, which is not installed; "
+        raise ConfigError(f"{key} = '{fmt}' needs the {mod.split('.')[0]} package, which is not installed; "
                           f"install it with: bash scripts/install_extras.sh")
 
 

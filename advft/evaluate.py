@@ -5,6 +5,11 @@ standardised features, folded back into one ``nn.Linear`` so the attack sees a p
 raw encoder). Then on a fixed held-out subset: clean accuracy, and robust accuracy under APGD-CE
 (``n_iter`` steps) and, when ``n_targets > 0``, APGD-T with the targeted DLR loss over the top
 ``n_targets`` classes, worst case per sample. ``eval.head = "fixed"`` uses a given head instead of a probe.
+
+``final=True`` marks the strong evaluations (step 0 and the end): the data callables are asked for their
+final sets (``eval.final_probe_train_size`` / ``eval.final_test_size`` images, see
+:func:`advft.data.eval_data`) and ``eval.final_attack = "autoattack"`` replaces advft's APGD by AutoAttack's
+standard ensemble (:mod:`advft.autoattack`). Every accuracy comes with its 95 % Wilson interval and its n.
 """
 from __future__ import annotations
 
@@ -15,8 +20,10 @@ from torch import Tensor, nn
 
 from advft.attacks import robust_correct
 from advft.distributed import autocast
+from advft.report.stats import wilson
 
-Batches = Callable[[], Iterable[tuple[Tensor, Tensor]]]
+# a fresh pass over the batches; advft.data.eval_data's also take final=True (the final evaluation's sets)
+Batches = Callable[..., Iterable[tuple[Tensor, Tensor]]]
 
 
 @torch.no_grad()
@@ -54,22 +61,33 @@ def fit_probe(feats: Tensor, labels: Tensor, n_classes: int, epochs: int = 100, 
     return head.requires_grad_(False)
 
 
+def _with_interval(out: dict[str, Any], key: str, correct: int, n: int) -> None:
+    """out[key] = accuracy in %, out[key + '_ci95'] = its 95 % Wilson interval [lo, hi] in %."""
+    acc = 100.0 * correct / max(n, 1)
+    out[key] = acc
+    out[f"{key}_ci95"] = list(wilson(acc, n)) if n else None
+
+
 def evaluate(encoder: nn.Module, probe_data: Batches, test_data: Batches, *, cfg: Any,
              device: torch.device, n_iter: int, n_targets: int = 0, head: nn.Module | None = None,
-             seed: int = 0, precision: str | None = None) -> dict[str, Any]:
-    """Clean and robust accuracy (in %, on the test subset) of a probe (or the fixed ``head``) on ``encoder``.
+             seed: int = 0, precision: str | None = None, final: bool = False) -> dict[str, Any]:
+    """Clean and robust accuracy (in %, on the test subset) of a probe (or the fixed ``head``) on ``encoder``,
+    each with ``<key>_ci95`` (95 % Wilson interval, in %) and ``n_test``; ``ci`` names the method.
 
     ``cfg`` is the run's Config: eps (attack.eps, 1/255 units), probe epochs are read from it, and the
     precision unless ``precision`` gives the run's resolved one (:func:`advft.distributed.resolve_precision`).
+    ``final``: the strong evaluation (the final sets and ``eval.final_attack``; see the module docstring).
     """
     encoder.eval()
     precision = precision or cfg.run.precision
+    sets = {"final": True} if final else {}
+    autoattack = final and getattr(cfg.eval, "final_attack", "apgd") == "autoattack"
     out: dict[str, Any] = {}
     if head is None:
-        f, y = extract_features(encoder, probe_data(), device, precision)
+        f, y = extract_features(encoder, probe_data(**sets), device, precision)
         # classes = largest label + 1 of the probe set (no dataset metadata needed for ffcv/dali files)
         head = fit_probe(f, y, int(y.max()) + 1, epochs=cfg.eval.probe_epochs)
-        out["probe_train_acc"] = 100.0 * (head(f).argmax(1) == y).float().mean().item()
+        _with_interval(out, "probe_train_acc", int((head(f).argmax(1) == y).sum()), int(y.numel()))
         out["probe_n"] = int(y.numel())
 
     def logits(x: Tensor) -> Tensor:
@@ -79,15 +97,23 @@ def evaluate(encoder: nn.Module, probe_data: Batches, test_data: Batches, *, cfg
     gen = torch.Generator(device=device)
     gen.manual_seed(seed + 12345)
     n = clean = robust = 0
-    for x, y in test_data():
+    for x, y in test_data(**sets):
         x, y = x.to(device), y.to(device)
         with torch.no_grad():
             clean += int((logits(x).argmax(1) == y).sum())
         with torch.enable_grad():
-            robust += int(robust_correct(logits, x, y, eps=cfg.attack.eps_pixels, n_iter=n_iter,
-                                         n_targets=n_targets, generator=gen).sum())
+            if autoattack:
+                from advft.autoattack import autoattack_correct
+
+                correct = autoattack_correct(logits, x, y, eps=cfg.attack.eps_pixels, seed=seed + 12345)
+            else:
+                correct = robust_correct(logits, x, y, eps=cfg.attack.eps_pixels, n_iter=n_iter,
+                                         n_targets=n_targets, generator=gen)
+            robust += int(correct.sum())
         n += int(y.numel())
-    out.update({"clean_acc": 100.0 * clean / max(n, 1), "robust_acc": 100.0 * robust / max(n, 1), "n_test": n,
-                "attack": f"apgd-ce{n_iter}" + (f"+apgd-t{n_iter}x{n_targets}" if n_targets else ""),
-                "eps": cfg.attack.eps})
+    _with_interval(out, "clean_acc", clean, n)
+    _with_interval(out, "robust_acc", robust, n)
+    attack = "autoattack-standard" if autoattack else (
+        f"apgd-ce{n_iter}" + (f"+apgd-t{n_iter}x{n_targets}" if n_targets else ""))
+    out.update({"n_test": n, "ci": "wilson", "attack": attack, "eps": cfg.attack.eps})
     return out

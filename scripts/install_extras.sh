@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Install the optional fast loaders into the project's virtual environment: FFCV 1.0.2 and NVIDIA DALI.
+# Install the optional extras into the project's virtual environment: the fast loaders FFCV 1.0.2 and NVIDIA
+# DALI, and AutoAttack's reference implementation (pyautoattack, for eval.final_attack = "autoattack").
 # Idempotent: what already imports is left alone, so a second run does nothing.
 #
 # Usage: bash scripts/install_extras.sh            (uses .venv/bin/python)
 #        PYTHON=/path/to/venv/bin/python bash scripts/install_extras.sh
-# Environment: FFCV_SPEC (default ffcv==1.0.2), DALI_SPEC (default nvidia-dali-cuda120==2.4.0).
+# Environment: FFCV_SPEC (default ffcv==1.0.2), DALI_SPEC (default nvidia-dali-cuda120==2.4.0),
+# AUTOATTACK_SPEC (default pyautoattack==0.2.0; a pure-Python wheel).
 #
 # FFCV is an sdist (its last release is from 2023): pip compiles its C extension against OpenCV and
 # libjpeg-turbo, found with pkg-config, so those come from apt first (~700 MB; needs root or sudo).
@@ -15,6 +17,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 FFCV_SPEC=${FFCV_SPEC:-ffcv==1.0.2}
 DALI_SPEC=${DALI_SPEC:-nvidia-dali-cuda120==2.4.0}
+AUTOATTACK_SPEC=${AUTOATTACK_SPEC:-pyautoattack==0.2.0}
 APT_PACKAGES=(pkg-config libopencv-dev libturbojpeg0-dev)
 say() { echo "[install_extras] $*" >&2; }
 
@@ -68,6 +71,14 @@ else
   "$PY" -m pip install -q "$DALI_SPEC"
 fi
 
+if imports "pyautoattack"; then
+  say "pyautoattack already importable; skipped"
+else
+  installed=1
+  say "pip install $AUTOATTACK_SPEC"
+  "$PY" -m pip install -q "$AUTOATTACK_SPEC"
+fi
+
 [ "$installed" = 1 ] || exit 0
 # The real check after installing: both import, from the same interpreter the project uses.
 "$PY" - <<'EOF'
@@ -75,5 +86,7 @@ import importlib.metadata as md
 import ffcv.loader  # noqa: F401
 import nvidia.dali
 import nvidia.dali.plugin.pytorch  # noqa: F401
-print(f"[install_extras] ok: ffcv {md.version('ffcv')}, nvidia-dali {nvidia.dali.__version__}")
+import pyautoattack  # noqa: F401
+print(f"[install_extras] ok: ffcv {md.version('ffcv')}, nvidia-dali {nvidia.dali.__version__}, "
+      f"pyautoattack {md.version('pyautoattack')}")
 EOF

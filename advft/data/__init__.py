@@ -109,25 +109,49 @@ def _take(it: Iterable[tuple[Tensor, Tensor]], n: int) -> Iterator[tuple[Tensor,
         seen += k
 
 
-def eval_data(cfg: Any, device: torch.device) -> tuple[Callable[[], Iterable], Callable[[], Iterable]]:
+def eval_data(cfg: Any, device: torch.device) -> tuple[Callable[..., Iterable], Callable[..., Iterable]]:
     """(probe-train batches, held-out test batches) as callables giving a fresh pass each time.
 
     The probe set is a fixed seeded subset of the training split (eval.probe_train_size images), the test
     set a fixed seeded subset of the held-out split (eval.test_size); both with the evaluation transform.
+    Called with ``final=True`` they give the strong evaluations' sets: eval.final_probe_train_size and
+    eval.final_test_size images (0 = the routine sizes), drawn the same way (a larger set holds the smaller).
+    The test images are never among the probe's (see :func:`held_out_problem`).
     """
     d, e = cfg.data, cfg.eval
     seed = cfg.run.seed
     common = dict(global_batch=e.batch_size, rank=0, world_size=1, device=device, transform="none")
+    # configs without final sizes (pretraining's) evaluate on the routine sets only
+    final_sizes = (getattr(e, "final_probe_train_size", 0), getattr(e, "final_test_size", 0))
+    sizes = {False: (e.probe_train_size, e.test_size),
+             True: (final_sizes[0] or e.probe_train_size, final_sizes[1] or e.test_size)}
     if d.format in ("ffcv", "dali"):
         problem = held_out_problem(d.format, d.path, d.val_path, check_paths=False)
         if problem:  # config.validate refuses this first; a caller that skipped it must not test on train images
             raise DataError(problem)
         # one shuffled pass (order fixed by the seed) gives a seeded random subset without random access
-        probe = lambda: _take(_extra_loader(cfg, d.path, seed=seed, train=True, **common), e.probe_train_size)  # noqa: E731
-        test = lambda: _take(_extra_loader(cfg, d.val_path, seed=seed, train=True, **common), e.test_size)  # noqa: E731
+        def probe(final: bool = False) -> Iterable:
+            return _take(_extra_loader(cfg, d.path, seed=seed, train=True, **common), sizes[final][0])
+
+        def test(final: bool = False) -> Iterable:
+            return _take(_extra_loader(cfg, d.val_path, seed=seed, train=True, **common), sizes[final][1])
+
         return probe, test
-    train_ds = subset(_dataset(cfg, "train"), e.probe_train_size, seed)
-    test_ds = subset(_dataset(cfg, held_out_split(d.format), size=e.test_size), e.test_size, seed)
-    probe = lambda: make_loader(train_ds, train=False, num_workers=0, **common)  # noqa: E731
-    test = lambda: make_loader(test_ds, train=False, num_workers=0, **common)  # noqa: E731
+    # datasets are built on first use (the final sets only for the strong evaluations), then kept
+    made: dict[tuple[str, bool], Any] = {}
+
+    def dataset(which: str, final: bool) -> Any:
+        if (which, final) not in made:
+            n_probe, n_test = sizes[final]
+            made[which, final] = (subset(_dataset(cfg, "train"), n_probe, seed) if which == "probe" else
+                                  subset(_dataset(cfg, held_out_split(d.format), size=n_test), n_test, seed))
+        return made[which, final]
+
+    def probe(final: bool = False) -> Iterable:
+        return make_loader(dataset("probe", final), train=False, num_workers=0, **common)
+
+    def test(final: bool = False) -> Iterable:
+        return make_loader(dataset("test", final), train=False, num_workers=0, **common)
+
+    dataset("probe", False), dataset("test", False)  # a missing or broken dataset is named now, not mid-run
     return probe, test
