@@ -106,12 +106,20 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def _acc(res: dict[str, Any], when: str, key: str) -> str:
-    v = (res.get(when) or {}).get(key)
-    return "-" if v is None else f"{v:.1f}"
+    """'72.0 [69.2, 74.7] (n=1000)': the accuracy with its 95 % interval and n as results.json holds them."""
+    rec = res.get(when) or {}
+    v, ci, n = rec.get(key), rec.get(f"{key}_ci95"), rec.get("n_test")
+    if v is None:
+        return "-"
+    text = f"{v:.1f}"
+    if isinstance(ci, list) and len(ci) == 2:
+        text += f" [{ci[0]:.1f}, {ci[1]:.1f}]"
+    return text + (f" (n={n})" if isinstance(n, int) else "")
 
 
 def results_table(runs: list[tuple[str, Path, dict[str, Any]]]) -> str:
-    """run, alpha, lr, clean and robust accuracy (%) initial -> final, status: from each results.json."""
+    """run, alpha, lr, clean and robust accuracy (%) initial -> final with their 95 % Wilson intervals and n,
+    status: from each results.json."""
     rows = []
     for name, run_dir, cfg in runs:
         res = run_results(run_dir)
@@ -119,5 +127,6 @@ def results_table(runs: list[tuple[str, Path, dict[str, Any]]]) -> str:
                      f"{_acc(res, 'initial', 'clean_acc')} -> {_acc(res, 'final', 'clean_acc')}",
                      f"{_acc(res, 'initial', 'robust_acc')} -> {_acc(res, 'final', 'robust_acc')}",
                      res.get("status", "not started")])
-    return table(["run", "alpha", "lr", "clean % (initial -> final)", "robust % (initial -> final)", "status"], rows)
+    return table(["run", "alpha", "lr", "clean % [95 % CI] (initial -> final)",
+                  "robust % [95 % CI] (initial -> final)", "status"], rows)
 

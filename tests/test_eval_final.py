@@ -95,3 +95,18 @@ def test_seed_axis_names_runs_and_aggregates_into_mean_and_interval(tmp_path: Pa
     assert (st.n, st.mean, st.method) == (3, 25.0, "t")
     assert (st.lo, st.hi) == pytest.approx((25.0 - S.t975(2) * sd / math.sqrt(3), 25.0 + S.t975(2) * sd / math.sqrt(3)))
     assert "25.0 [" in R.render_markdown(R.load_sweep(d)) and "(3 seeds)" in R.render_markdown(R.load_sweep(d))
+
+
+def test_sweep_table_shows_intervals_and_n(tmp_path: Path) -> None:
+    import json
+
+    from launch.sweep_state import results_table
+
+    run = tmp_path / "r"
+    run.mkdir()
+    ev = {"clean_acc": 72.0, "clean_acc_ci95": list(S.wilson(72.0, 1000)), "robust_acc": 30.0,
+          "robust_acc_ci95": list(S.wilson(30.0, 1000)), "n_test": 1000}
+    (run / "results.json").write_text(json.dumps({"status": "finished", "initial": ev, "final": ev}))
+    text = results_table([("r", run, {"loss": {"alpha": 0.1}, "optim": {"lr": 1e-4}})])
+    assert "72.0 [69.1, 74.7] (n=1000) -> 72.0 [69.1, 74.7] (n=1000)" in text
+    assert "30.0 [27.2, 32.9] (n=1000)" in text
