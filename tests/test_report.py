@@ -269,8 +269,7 @@ def test_claims_follow_the_intervals(tmp_path: Path, n_test: int, resolved: bool
 
 def test_figures_tradeoff_scatter_fitted_heatmap_and_by_lr_only_for_several_lrs(tmp_path: Path,
                                                                                 monkeypatch) -> None:
-    pytest.importorskip("matplotlib")
-    from matplotlib.axes import Axes
+    from matplotlib.axes import Axes  # a core dependency (the report's figures)
 
     calls: dict[str, list] = {"imshow": [], "errorbar": []}
     for name in calls:
