@@ -141,6 +141,7 @@ def eval_data(cfg: Any, device: torch.device) -> tuple[Callable[..., Iterable], 
     made: dict[tuple[str, bool], Any] = {}
 
     def dataset(which: str, final: bool) -> Any:
+        final = final and sizes[True] != sizes[False]  # the same sizes: the same sets
         if (which, final) not in made:
             n_probe, n_test = sizes[final]
             made[which, final] = (subset(_dataset(cfg, "train"), n_probe, seed) if which == "probe" else
