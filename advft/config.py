@@ -255,6 +255,10 @@ class Config(Sections):
     eval: EvalConfig = field(default_factory=EvalConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
+    # keys added after run folders were named by the hash: left out of it while at these defaults, so the
+    # runs of existing sweeps are found again
+    ADDED = {"eval": {"final_test_size": 0, "final_probe_train_size": 0, "final_attack": "apgd"}}
+
     def hashed(self) -> dict[str, dict[str, Any]]:
         d = super().hashed()
         # how the base encoder is made is not part of the run: model.checkpoint names the weights it starts from
@@ -264,6 +268,10 @@ class Config(Sections):
             del d["model"]["sync_bn"]
         if d["loss"]["name"] == "fare":  # the loss before it was a choice: its runs keep their names
             del d["loss"]["name"]
+        for sec, defaults in self.ADDED.items():
+            for k, v in defaults.items():
+                if d[sec].get(k) == v:
+                    del d[sec][k]
         return d
 
 

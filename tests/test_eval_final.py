@@ -110,3 +110,11 @@ def test_sweep_table_shows_intervals_and_n(tmp_path: Path) -> None:
     text = results_table([("r", run, {"loss": {"alpha": 0.1}, "optim": {"lr": 1e-4}})])
     assert "72.0 [69.1, 74.7] (n=1000) -> 72.0 [69.1, 74.7] (n=1000)" in text
     assert "30.0 [27.2, 32.9] (n=1000)" in text
+
+
+def test_new_eval_keys_at_their_defaults_keep_the_hash_and_change_it_otherwise() -> None:
+    """Run folders are named by the config hash: the keys added here must not rename existing runs."""
+    base = C.Config()
+    assert base.hash() == "5549623d"  # the hash of every default before these keys existed
+    for item in ("eval.final_test_size=10000", "eval.final_probe_train_size=50000", "eval.final_attack=autoattack"):
+        assert C.load(None, [item]).hash() != base.hash(), item
