@@ -116,5 +116,6 @@ def test_new_eval_keys_at_their_defaults_keep_the_hash_and_change_it_otherwise()
     """Run folders are named by the config hash: the keys added here must not rename existing runs."""
     base = C.Config()
     assert base.hash() == "5549623d"  # the hash of every default before these keys existed
-    for item in ("eval.final_test_size=10000", "eval.final_probe_train_size=50000", "eval.final_attack=autoattack"):
+    for item in ("eval.final_test_size=10000", "eval.final_probe_train_size=50000",
+                 "eval.final_attack=autoattack"):
         assert C.load(None, [item]).hash() != base.hash(), item
