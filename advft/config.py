@@ -126,8 +126,8 @@ class Sections:
 
 @dataclass(frozen=True)
 class DataConfig(Section):
-    format: Literal["synthetic", "cifar10", "folder", "ffcv", "dali"] = "synthetic"
-    path: str = ""  # dataset root (cifar10, folder) or .beton / DALI file list; unused for synthetic
+    format: Literal["synthetic", "digits", "cifar10", "folder", "ffcv", "dali"] = "synthetic"
+    path: str = ""  # dataset root (cifar10, folder) or .beton / DALI file list; unused for synthetic and digits
     val_path: str = ""  # held-out split for ffcv/dali (a second .beton / file list); others derive it from `path`
     resolution: int = ranged(32, ge=8)  # pixels (square) the encoder sees
     train_transform: Literal["none", "rrc_flip"] = "none"  # none: centre crop, as the report
@@ -200,6 +200,9 @@ class EvalConfig(Section):
     attack_steps: int = ranged(10, ge=1)  # APGD-CE steps during training
     final_attack_steps: int = ranged(100, ge=1)  # APGD-CE steps at the end
     final_targets: int = ranged(9, ge=0, le=99)  # APGD-T target classes at the end (0 = none)
+    # a second L-inf radius (1/255 units) attacked at step 0 and the end only, with the same attack and images:
+    # results carry eps_extra and robust_acc_eps_extra (0 = none)
+    final_eps_extra: float = ranged(0.0, ge=0, le=255, why="units of 1/255; 0 = none")
 
 
 @dataclass(frozen=True)
@@ -434,9 +437,9 @@ def check_common(cfg: Sections, world_size: int = 1) -> None:
 
 def check_data(data: DataConfig, check_paths: bool = True) -> None:
     """The loader's package is installed and the dataset files exist."""
-    if data.format in ("ffcv", "dali"):
+    if data.format in EXTRA_FORMATS:
         _check_extra(data.format)
-    if check_paths and data.format != "synthetic":
+    if check_paths and data.format not in PATHLESS_FORMATS:
         _need(bool(data.path), f"data.path is empty; data.format = '{data.format}' needs a dataset path "
                                f"(e.g. --set data.path=/data/{data.format})")
         _need(Path(data.path).exists() or (data.format == "cifar10" and data.download),
@@ -483,17 +486,26 @@ def resolve_job(path: str | os.PathLike) -> Path:
     return p
 
 
+# data formats that need an optional package: (module to find, its name, the install command)
+EXTRA_FORMATS = {
+    "ffcv": ("ffcv", "ffcv", "bash scripts/install_extras.sh"),
+    "dali": ("nvidia.dali", "dali", "bash scripts/install_extras.sh"),
+    "digits": ("sklearn", "scikit-learn", "pip install -e '.[demo]' (bash scripts/setup.sh does)"),
+}
+PATHLESS_FORMATS = ("synthetic", "digits")  # data.path is not needed (a cache folder at most)
+
+
 def _check_extra(fmt: str) -> None:
     import importlib.util
 
-    mod = {"ffcv": "ffcv", "dali": "nvidia.dali"}[fmt]
+    mod, package, install = EXTRA_FORMATS[fmt]
     try:
         found = importlib.util.find_spec(mod) is not None
     except ModuleNotFoundError:
         found = False
     if not found:
-        raise ConfigError(f"data.format = '{fmt}' needs the {fmt} package, which is not installed; "
-                          f"install it with: bash scripts/install_extras.sh")
+        raise ConfigError(f"data.format = '{fmt}' needs the {package} package, which is not installed; "
+                          f"install it with: {install}")
 
 
 def check_name(name: str, what: str = "name") -> str:
