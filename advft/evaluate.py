@@ -5,6 +5,7 @@ standardised features, folded back into one ``nn.Linear`` so the attack sees a p
 raw encoder). Then on a fixed held-out subset: clean accuracy, and robust accuracy under APGD-CE
 (``n_iter`` steps) and, when ``n_targets > 0``, APGD-T with the targeted DLR loss over the top
 ``n_targets`` classes, worst case per sample. ``eval.head = "fixed"`` uses a given head instead of a probe.
+Optionally the same attack at a second radius (``eps_extra``) on the same images and head.
 """
 from __future__ import annotations
 
@@ -56,11 +57,12 @@ def fit_probe(feats: Tensor, labels: Tensor, n_classes: int, epochs: int = 100, 
 
 def evaluate(encoder: nn.Module, probe_data: Batches, test_data: Batches, *, cfg: Any,
              device: torch.device, n_iter: int, n_targets: int = 0, head: nn.Module | None = None,
-             seed: int = 0, precision: str | None = None) -> dict[str, Any]:
+             seed: int = 0, precision: str | None = None, eps_extra: float = 0.0) -> dict[str, Any]:
     """Clean and robust accuracy (in %, on the test subset) of a probe (or the fixed ``head``) on ``encoder``.
 
     ``cfg`` is the run's Config: eps (attack.eps, 1/255 units), probe epochs are read from it, and the
     precision unless ``precision`` gives the run's resolved one (:func:`advft.distributed.resolve_precision`).
+    ``eps_extra`` > 0 (1/255 units) adds ``robust_acc_eps_extra``: robust accuracy at that radius too.
     """
     encoder.eval()
     precision = precision or cfg.run.precision
@@ -78,7 +80,10 @@ def evaluate(encoder: nn.Module, probe_data: Batches, test_data: Batches, *, cfg
 
     gen = torch.Generator(device=device)
     gen.manual_seed(seed + 12345)
-    n = clean = robust = 0
+    # its own random stream, so that adding the second radius leaves the first one's numbers unchanged
+    gen_extra = torch.Generator(device=device)
+    gen_extra.manual_seed(seed + 54321)
+    n = clean = robust = robust_extra = 0
     for x, y in test_data():
         x, y = x.to(device), y.to(device)
         with torch.no_grad():
@@ -86,8 +91,13 @@ def evaluate(encoder: nn.Module, probe_data: Batches, test_data: Batches, *, cfg
         with torch.enable_grad():
             robust += int(robust_correct(logits, x, y, eps=cfg.attack.eps_pixels, n_iter=n_iter,
                                          n_targets=n_targets, generator=gen).sum())
+            if eps_extra > 0:
+                robust_extra += int(robust_correct(logits, x, y, eps=eps_extra / 255.0, n_iter=n_iter,
+                                                   n_targets=n_targets, generator=gen_extra).sum())
         n += int(y.numel())
     out.update({"clean_acc": 100.0 * clean / max(n, 1), "robust_acc": 100.0 * robust / max(n, 1), "n_test": n,
                 "attack": f"apgd-ce{n_iter}" + (f"+apgd-t{n_iter}x{n_targets}" if n_targets else ""),
                 "eps": cfg.attack.eps})
+    if eps_extra > 0:
+        out.update({"eps_extra": float(eps_extra), "robust_acc_eps_extra": 100.0 * robust_extra / max(n, 1)})
     return out
