@@ -92,6 +92,9 @@ class Sections:
     # keys that no longer exist: read from old config.toml files with a warning and dropped, and hashed at their
     # old default so the run folders (named by the hash) of existing sweeps are found again
     REMOVED = {"run": {"fail_at_step": -1}}
+    # keys added later: hashed only when they differ from this default, so that the run folders of existing
+    # sweeps (which never set them) keep their names
+    ADDED = {"eval": {"final_eps_extra": 0.0}}
 
     @classmethod
     def sections(cls) -> dict[str, type]:
@@ -112,6 +115,10 @@ class Sections:
         for sec, keys in self.REMOVED.items():
             if sec in d:
                 d[sec].update(keys)
+        for sec, keys in self.ADDED.items():
+            for k, default in keys.items():
+                if sec in d and d[sec].get(k, default) == default:
+                    d[sec].pop(k, None)
         return d
 
     def hash(self) -> str:

@@ -44,3 +44,8 @@ def test_bad_second_radius_is_refused(value: str) -> None:
     cfg = C.load(None, [f"eval.final_eps_extra={value}", "model.checkpoint=x.pt"])
     with pytest.raises(C.ConfigError, match="eval.final_eps_extra"):
         C.validate(cfg, check_paths=False)
+
+
+def test_the_new_key_keeps_earlier_run_names_and_names_runs_that_set_it() -> None:
+    assert C.Config().hash() == "5549623d"  # as before the key existed (tests/test_config.py)
+    assert C.load(None, ["eval.final_eps_extra=16"]).hash() != C.Config().hash()
