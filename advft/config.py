@@ -93,6 +93,9 @@ class Sections:
     # keys that no longer exist: read from old config.toml files with a warning and dropped, and hashed at their
     # old default so the run folders (named by the hash) of existing sweeps are found again
     REMOVED = {"run": {"fail_at_step": -1}}
+    # keys added later: hashed only when they differ from this default, so that the run folders of existing
+    # sweeps (which never set them) keep their names
+    ADDED: dict[str, dict[str, Any]] = {}
 
     @classmethod
     def sections(cls) -> dict[str, type]:
@@ -110,6 +113,10 @@ class Sections:
         for sec, keys in self.REMOVED.items():
             if sec in d:
                 d[sec].update(keys)
+        for sec, keys in self.ADDED.items():
+            for k, default in keys.items():
+                if sec in d and d[sec].get(k, default) == default:
+                    d[sec].pop(k, None)
         return d
 
     def hash(self) -> str:
@@ -124,8 +131,8 @@ class Sections:
 
 @dataclass(frozen=True)
 class DataConfig(Section):
-    format: Literal["synthetic", "cifar10", "folder", "ffcv", "dali"] = "synthetic"
-    path: str = ""  # dataset root (cifar10, folder) or .beton / DALI file list; unused for synthetic
+    format: Literal["synthetic", "digits", "cifar10", "folder", "ffcv", "dali"] = "synthetic"
+    path: str = ""  # dataset root (cifar10, folder) or .beton / DALI file list; unused for synthetic and digits
     val_path: str = ""  # held-out split for ffcv/dali (a second .beton / file list); others derive it from `path`
     resolution: int = ranged(32, ge=8)  # pixels (square) the encoder sees
     train_transform: Literal["none", "rrc_flip"] = "none"  # none: centre crop, as the report
@@ -219,6 +226,9 @@ class EvalConfig(Section):
     final_probe_train_size: int = ranged(0, ge=0, why="0 = the routine size")
     # apgd: advft's APGD-CE + APGD-T above | autoattack: AutoAttack's standard ensemble (pip install pyautoattack)
     final_attack: Literal["apgd", "autoattack"] = "apgd"
+    # a second L-inf radius (1/255 units) attacked at step 0 and the end only, with the same attack and images:
+    # results carry eps_extra and robust_acc_eps_extra (0 = none)
+    final_eps_extra: float = ranged(0.0, ge=0, le=255, why="units of 1/255; 0 = none")
 
 
 @dataclass(frozen=True)
@@ -257,7 +267,8 @@ class Config(Sections):
 
     # keys added after run folders were named by the hash: left out of it while at these defaults, so the
     # runs of existing sweeps are found again
-    ADDED = {"eval": {"final_test_size": 0, "final_probe_train_size": 0, "final_attack": "apgd"}}
+    ADDED = {"eval": {"final_test_size": 0, "final_probe_train_size": 0, "final_attack": "apgd",
+                      "final_eps_extra": 0.0}}
 
     def hashed(self) -> dict[str, dict[str, Any]]:
         d = super().hashed()
@@ -268,10 +279,6 @@ class Config(Sections):
             del d["model"]["sync_bn"]
         if d["loss"]["name"] == "fare":  # the loss before it was a choice: its runs keep their names
             del d["loss"]["name"]
-        for sec, defaults in self.ADDED.items():
-            for k, v in defaults.items():
-                if d[sec].get(k) == v:
-                    del d[sec][k]
         return d
 
 
@@ -469,10 +476,10 @@ def check_common(cfg: Sections, world_size: int = 1) -> None:
 
 def check_data(data: DataConfig, check_paths: bool = True) -> None:
     """The loader's package is installed and the dataset files exist."""
-    if data.format in ("ffcv", "dali"):
+    if data.format in EXTRA_FORMATS:
         _check_extra(data.format)
         _check_held_out(data, check_paths)
-    if check_paths and data.format != "synthetic":
+    if check_paths and data.format not in PATHLESS_FORMATS:
         _need(bool(data.path), f"data.path is empty; data.format = '{data.format}' needs a dataset path "
                                f"(e.g. --set data.path=/data/{data.format})")
         _need(Path(data.path).exists() or (data.format == "cifar10" and data.download),
@@ -538,17 +545,27 @@ def _check_held_out(data: DataConfig, check_paths: bool) -> None:
     _need(problem is None, problem or "")
 
 
+# optional packages: (module to find, its name, the install command)
+EXTRA_FORMATS = {
+    "ffcv": ("ffcv", "ffcv", "bash scripts/install_extras.sh"),
+    "dali": ("nvidia.dali", "dali", "bash scripts/install_extras.sh"),
+    "digits": ("sklearn", "scikit-learn", "pip install -e '.[demo]' (bash scripts/setup.sh does)"),
+}
+OPTIONAL = {**EXTRA_FORMATS, "autoattack": ("pyautoattack", "pyautoattack", "bash scripts/install_extras.sh")}
+PATHLESS_FORMATS = ("synthetic", "digits")  # data.path is not needed (a cache folder at most)
+
+
 def _check_extra(fmt: str, key: str = "data.format") -> None:
     import importlib.util
 
-    mod = {"ffcv": "ffcv", "dali": "nvidia.dali", "autoattack": "pyautoattack"}[fmt]
+    mod, package, install = OPTIONAL[fmt]
     try:
         found = importlib.util.find_spec(mod) is not None
     except ModuleNotFoundError:
         found = False
     if not found:
-        raise ConfigError(f"{key} = '{fmt}' needs the {mod.split('.')[0]} package, which is not installed; "
-                          f"install it with: bash scripts/install_extras.sh")
+        raise ConfigError(f"{key} = '{fmt}' needs the {package} package, which is not installed; "
+                          f"install it with: {install}")
 
 
 def check_name(name: str, what: str = "name") -> str:

@@ -10,6 +10,7 @@ raw encoder). Then on a fixed held-out subset: clean accuracy, and robust accura
 final sets (``eval.final_probe_train_size`` / ``eval.final_test_size`` images, see
 :func:`advft.data.eval_data`) and ``eval.final_attack = "autoattack"`` replaces advft's APGD by AutoAttack's
 standard ensemble (:mod:`advft.autoattack`). Every accuracy comes with its 95 % Wilson interval and its n.
+Optionally the same attack at a second radius (``eps_extra``) on the same images and head.
 """
 from __future__ import annotations
 
@@ -70,13 +71,15 @@ def _with_interval(out: dict[str, Any], key: str, correct: int, n: int) -> None:
 
 def evaluate(encoder: nn.Module, probe_data: Batches, test_data: Batches, *, cfg: Any,
              device: torch.device, n_iter: int, n_targets: int = 0, head: nn.Module | None = None,
-             seed: int = 0, precision: str | None = None, final: bool = False) -> dict[str, Any]:
+             seed: int = 0, precision: str | None = None, final: bool = False,
+             eps_extra: float = 0.0) -> dict[str, Any]:
     """Clean and robust accuracy (in %, on the test subset) of a probe (or the fixed ``head``) on ``encoder``,
     each with ``<key>_ci95`` (95 % Wilson interval, in %) and ``n_test``; ``ci`` names the method.
 
     ``cfg`` is the run's Config: eps (attack.eps, 1/255 units), probe epochs are read from it, and the
     precision unless ``precision`` gives the run's resolved one (:func:`advft.distributed.resolve_precision`).
     ``final``: the strong evaluation (the final sets and ``eval.final_attack``; see the module docstring).
+    ``eps_extra`` > 0 (1/255 units) adds ``robust_acc_eps_extra``: robust accuracy at that radius too.
     """
     encoder.eval()
     precision = precision or cfg.run.precision
@@ -96,7 +99,10 @@ def evaluate(encoder: nn.Module, probe_data: Batches, test_data: Batches, *, cfg
 
     gen = torch.Generator(device=device)
     gen.manual_seed(seed + 12345)
-    n = clean = robust = 0
+    # its own random stream, so that adding the second radius leaves the first one's numbers unchanged
+    gen_extra = torch.Generator(device=device)
+    gen_extra.manual_seed(seed + 54321)
+    n = clean = robust = robust_extra = 0
     for x, y in test_data(**sets):
         x, y = x.to(device), y.to(device)
         with torch.no_grad():
@@ -106,9 +112,15 @@ def evaluate(encoder: nn.Module, probe_data: Batches, test_data: Batches, *, cfg
                 from advft.autoattack import autoattack_correct
 
                 correct = autoattack_correct(logits, x, y, eps=cfg.attack.eps_pixels, seed=seed + 12345)
+                if eps_extra > 0:
+                    robust_extra += int(autoattack_correct(logits, x, y, eps=eps_extra / 255.0,
+                                                           seed=seed + 54321).sum())
             else:
                 correct = robust_correct(logits, x, y, eps=cfg.attack.eps_pixels, n_iter=n_iter,
                                          n_targets=n_targets, generator=gen)
+                if eps_extra > 0:
+                    robust_extra += int(robust_correct(logits, x, y, eps=eps_extra / 255.0, n_iter=n_iter,
+                                                       n_targets=n_targets, generator=gen_extra).sum())
             robust += int(correct.sum())
         n += int(y.numel())
     _with_interval(out, "clean_acc", clean, n)
@@ -116,4 +128,7 @@ def evaluate(encoder: nn.Module, probe_data: Batches, test_data: Batches, *, cfg
     attack = "autoattack-standard" if autoattack else (
         f"apgd-ce{n_iter}" + (f"+apgd-t{n_iter}x{n_targets}" if n_targets else ""))
     out.update({"n_test": n, "ci": "wilson", "attack": attack, "eps": cfg.attack.eps})
+    if eps_extra > 0:
+        out["eps_extra"] = float(eps_extra)
+        _with_interval(out, "robust_acc_eps_extra", robust_extra, n)
     return out

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The demo: the whole method on this machine in minutes (no GPU, no dataset, no internet needed).
-# Sets up .venv if needed, then runs the default sweep: SimCLR pretraining of a tiny ResNet on procedural
-# synthetic shapes (once; cached in runs/base/), FARE fine-tuning for alpha in {0, 0.1, 1}, a results
-# table and REPORT.md. Extra arguments go to launch/sweep.py, e.g. bash scripts/demo.sh --grid lr=1e-3,3e-3
+# The demo: the whole method on this machine in minutes (no GPU, no download, no internet needed).
+# Sets up .venv if needed (with scikit-learn, whose bundled handwritten digits are the data), then runs the
+# default sweep: SimCLR pretraining of a tiny ResNet on the digits (once; kept in runs/base/), FARE
+# fine-tuning for alpha in {0, 0.1, 1}, a results table and REPORT.md. Extra arguments go to
+# launch/sweep.py, e.g. bash scripts/demo.sh --grid lr=1e-3,3e-3
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

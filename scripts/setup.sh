@@ -27,7 +27,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   "$VPY" -m pip install -q --upgrade pip
   # torch 2.14.1 / torchvision 0.29.1 are the versions this project is tested with (served locally here)
   "$VPY" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-  "$VPY" -m pip install -q -e ".[dev,report]"
+  "$VPY" -m pip install -q -e ".[dev,report,demo]"
   echo "$want" > "$stamp"
 else
   say "$VENV is up to date"

@@ -11,6 +11,8 @@ Contract (every dataset here, and what the loaders in ``loader.py`` rely on)
 
 Formats
 - ``synthetic``: ``SyntheticShapes``; ``path`` is its cache folder ("" = the default cache).
+- ``digits``: ``Digits``, the handwritten digits inside scikit-learn, upsampled to res; split "train"
+  (1200) or "test" (597), fixed by the seed; ``path`` is unused.
 - ``cifar10``: the python pickles of CIFAR-10 (``<path>/cifar-10-batches-py/``), as torchvision
   downloads them; split "train" (50 000) or "test" (10 000). At res != 32 images are resized.
 - ``folder``: ImageNet layout ``<path>/<split>/<class>/<image>``; any format PIL reads, converted
@@ -30,11 +32,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from advft.data.digits import SPLITS as DIGITS_SPLITS
+from advft.data.digits import Digits
 from advft.data.synthetic import SPLITS as SYNTHETIC_SPLITS
 from advft.data.synthetic import SyntheticShapes
 from advft.data.transforms import center_crop, resize
 
-FORMATS_BUILTIN = ("synthetic", "cifar10", "folder")
+FORMATS_BUILTIN = ("synthetic", "digits", "cifar10", "folder")
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_DIR = "cifar-10-batches-py"
 CIFAR10_SPLITS = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
@@ -180,8 +184,9 @@ def build_dataset(
 ) -> Dataset:
     """The dataset ``fmt`` (one of FORMATS_BUILTIN) at ``path``, split ``split``, at ``resolution``.
 
-    ``seed`` and ``synthetic_size`` only affect the synthetic set; ``download`` only CIFAR-10 (it
-    is never implied). Raises DataError with one line naming the bad value or path.
+    ``seed`` picks the synthetic images and the digits split, ``synthetic_size`` only affects the synthetic
+    set, ``download`` only CIFAR-10 (it is never implied). Raises DataError with one line naming the bad
+    value or path.
     """
     if resolution < 8:
         raise DataError(f"resolution must be >= 8 pixels, got {resolution}")
@@ -191,6 +196,13 @@ def build_dataset(
         if synthetic_size < 1:
             raise DataError(f"synthetic_size must be >= 1, got {synthetic_size}")
         return SyntheticShapes(split, synthetic_size, resolution, seed, cache_dir=path or None)
+    if fmt == "digits":
+        if split not in DIGITS_SPLITS:
+            raise DataError(f"digits split {split!r} is not one of {DIGITS_SPLITS}")
+        try:
+            return Digits(split, resolution, seed)
+        except ImportError as e:  # scikit-learn is missing: the message says how to install it
+            raise DataError(str(e)) from None
     if fmt == "cifar10":
         if not path:
             raise DataError(f"cifar10 needs a data path (the folder holding {CIFAR10_DIR}/)")

@@ -112,7 +112,8 @@ class FareTask(Task):
         res = evaluate(self.phi, self.probe_data, self.test_data, cfg=self.cfg, device=self.device,
                        n_iter=ev.final_attack_steps if strong else ev.attack_steps,
                        n_targets=ev.final_targets if strong else 0, head=self.head, seed=self.cfg.run.seed,
-                       precision=self.spec.precision, final=strong)
+                       precision=self.spec.precision, final=strong,
+                       eps_extra=ev.final_eps_extra if strong else 0.0)
         self.phi.train(was_training)
         return res
 
