@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from advft import config as C
+from conftest import TINY_JOB
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,7 +28,7 @@ def test_aliases_and_overrides_are_typed():
 
 
 def test_toml_round_trip(tmp_path):
-    cfg = C.load(ROOT / "jobs" / "test_tiny.toml", ["alpha=1"])
+    cfg = C.load(TINY_JOB, ["alpha=1"])
     (tmp_path / "config.toml").write_text(C.to_toml(cfg))
     again = C.load(tmp_path / "config.toml")
     assert again == cfg and again.hash() == cfg.hash()
@@ -125,7 +126,7 @@ def test_every_job_file_parses():
 
 def test_a_run_folder_written_before_fail_at_step_was_removed_still_loads_with_its_hash(tmp_path, caplog):
     # run folders are named by the hash: an old config.toml (with run.fail_at_step) must give the same one
-    cfg = C.load(ROOT / "jobs" / "test_tiny.toml", ["alpha=1"])
+    cfg = C.load(TINY_JOB, ["alpha=1"])
     old = C.to_toml(cfg).replace("[run]\n", "[run]\nfail_at_step = -1\n")
     (tmp_path / "config.toml").write_text(old)
     again = C.load(tmp_path / "config.toml")

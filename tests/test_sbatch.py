@@ -69,7 +69,7 @@ def test_cifar10_sbatch_trains_two_gloo_ranks_through_srun_and_requeues_itself_o
     submit = subprocess.run(
         ["sbatch", "--parsable", "--gpus-per-node=0", f"--cpus-per-task={min(cpus, 2)}", "--time=10",
          "--partition=debug", f"--output={log}", "--export=ALL,PROCS_PER_NODE=2,WANDB_MODE=disabled",
-         "slurm/cifar10.sbatch", "jobs/test_tiny.toml", *(x for s in sets for x in ("--set", s))],
+         "slurm/cifar10.sbatch", "tests/assets/test_tiny.toml", *(x for s in sets for x in ("--set", s))],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert submit.returncode == 0, submit.stderr
     job = submit.stdout.strip().split(";")[0]

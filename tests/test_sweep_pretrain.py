@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from advft import config as C
-from conftest import wait_for
+from conftest import TINY_JOB, wait_for
 from faults import hold
 from slurm_util import wait_sacct
 from launch import base_encoder
@@ -27,7 +27,7 @@ from launch import sweep as S
 from launch.sweep_state import read_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
-JOB = ROOT / "jobs" / "test_tiny.toml"
+JOB = TINY_JOB
 LEAN = ["eval.final_targets=0", "eval.probe_epochs=5", "eval.final_attack_steps=2", "eval.attack_steps=2",
         "eval.probe_train_size=64", "eval.test_size=32", "eval.every=0", "optim.steps=4"]
 

@@ -14,11 +14,11 @@ import torch.nn.functional as F
 
 from advft import config as C
 from advft import simclr as P
-from advft.models import build_encoder, load_encoder
 from advft.engine import Interrupted, NonFiniteLossError
+from advft.models import build_encoder, load_encoder
 from advft.simclr.augment import _shift_hue
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------------------------------- NT-Xent
