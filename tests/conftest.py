@@ -55,7 +55,7 @@ def wait_for(probe: Callable[[], Any], what: str, timeout_s: float = 240.0, poll
 def slurm(monkeypatch):
     """For sweeps on the local cluster (tests/slurm_util.py): SLURM_CONF set; the test appends its sweep
     folders to the yielded list, and every job (runs and pretrainings) they record is cancelled at the end."""
-    from launch.sweep_state import read_sweep
+    from launch.sweeper.record import read_sweep
     from slurm_util import HOW, slurm_env
 
     env = slurm_env()

@@ -25,10 +25,10 @@ from advft.fare import finetune
 from conftest import TINY_JOB, wait_for
 from faults import hold
 from slurm_util import wait_sacct
-from launch import grid as G
+from launch.sweeper import grid as G
 from launch import sweep as S
 from launch.profiles import KEYS, PROFILE_DIR, load_profile
-from launch.sweep_state import read_sweep, sweep_lock
+from launch.sweeper.record import read_sweep, sweep_lock
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB = TINY_JOB

@@ -24,7 +24,7 @@ from faults import hold
 from slurm_util import wait_sacct
 from launch import base_encoder
 from launch import sweep as S
-from launch.sweep_state import read_sweep
+from launch.sweeper.record import read_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 JOB = TINY_JOB
