@@ -139,12 +139,11 @@ def run(task: Task, *, should_stop: Callable[[], bool] | None = None, accelerato
     loader = build_train_loader(cfg, rank=rank, world_size=world, start_step=start, device=device)
     try:
         loop.train(loader, start)
-    except BaseException as e:
-        if is_main and isinstance(e, NonFiniteLossError):
-            # the sweep reads this to mark the run failed; a rerun resumes from the last good checkpoint
+    except NonFiniteLossError as e:
+        if is_main:  # the sweep reads this to mark the run failed; a rerun resumes from the last good checkpoint
             results.update({"status": "failed", "error": str(e), "failed_step": e.step})
             rd.write_results(results)
-        metrics.close()  # also on a stop request: the resumed run reopens the record
+        metrics.close()
         raise
     except BaseException:  # a stop request or a crash: end the wandb run too, so a resume can start it again
         metrics.close()
