@@ -17,7 +17,7 @@ from advft.engine import RunDir
 from launch import pretrain as LP, report as LR, train as LT
 
 ROOT = Path(__file__).resolve().parent.parent
-JOB = ROOT / "jobs" / "test_tiny.toml"
+JOB = ROOT / "tests" / "assets" / "test_tiny.toml"
 
 
 def _damage(rd: RunDir) -> list[str]:
