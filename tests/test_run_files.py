@@ -55,7 +55,7 @@ def test_train_warns_about_damaged_run_files_and_resumes_from_its_checkpoints(tm
 
 def test_pretrain_remakes_a_truncated_encoder_and_resumes_past_damaged_files(tmp_path, caplog, capsys):
     from advft.simclr.config import load_config
-    from test_pretrain import TINY
+    from simclr.test_pretrain import TINY
 
     caplog.set_level(logging.INFO)
     cfg = load_config(None, [*TINY, f"run.root={tmp_path / 'runs'}", "run.name=p", f"data.path={tmp_path / 'c'}"])
