@@ -10,13 +10,12 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable
 
-EXIT_CODES = ("Exit codes: 0 done, 2 bad input (one line on stderr), 3 training failed (non-finite loss), "
-              "4 checkpoint or run folder write failed (disk full or read-only), 75 interrupted on request "
-              "(checkpoint written; rerun to resume).")
-STOP_HELP = ("Stop requests (for batch scripts that requeue themselves, see slurm/*.sbatch): with "
-             "--stop-signals TERM,USR1 (or ADVFT_STOP_SIGNALS) those signals, and with --stop-file PATH (or "
-             "ADVFT_STOP_FILE) the appearance of that file, make the run checkpoint at the next log step (all "
-             "ranks agree on it) and exit 75.")
+EXIT_CODES = """Exit codes: 0 done, 2 bad input (one line on stderr), 3 training failed (non-finite loss),
+4 checkpoint or run folder write failed (disk full or read-only), 75 interrupted on request (checkpoint
+written; rerun to resume)."""
+STOP_HELP = """Stop requests (for batch scripts that requeue themselves, see slurm/*.sbatch): with --stop-signals
+TERM,USR1 (or ADVFT_STOP_SIGNALS) those signals, and with --stop-file PATH (or ADVFT_STOP_FILE) the appearance
+of that file, make the run checkpoint at the next log step (all ranks agree on it) and exit 75."""
 
 
 @dataclass(frozen=True)
@@ -27,10 +26,17 @@ class Command:
     doc: str  # the description (--help)
     keys: str  # the --help epilog on config keys
     example_job: str
-    load: Callable[[str, list[str]], Any]  # job file + --set items -> config
-    validate: Callable[[Any, int], Any]  # config, world size -> ConfigError or the config
-    run: Callable[..., Any]  # config, should_stop= -> result
+    # "module:function" names, imported only when used (--help needs no torch):
+    load: str  # (job file, --set items) -> config
+    validate: str  # (config, world_size=) -> config, or ConfigError
+    run: str  # (config, should_stop=) -> result
     summary: Callable[[Any, Any], str]  # config, result -> the line printed at the end (rank 0)
+
+    def call(self, which: str, *args: Any, **kwargs: Any) -> Any:
+        import importlib
+
+        module, name = getattr(self, which).split(":")
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,7 +46,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(cmd: Command, argv: list[str] | None = None) -> int:
-    p = _Parser(prog=cmd.prog, description=f"{cmd.doc}\n{EXIT_CODES}\n\n{STOP_HELP}",
+    p = _Parser(prog=cmd.prog, description=f"{cmd.doc}\n\n{EXIT_CODES}\n\n{STOP_HELP}",
                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=cmd.keys)
     p.add_argument("job", help=f"TOML job file, e.g. {cmd.example_job}")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -58,11 +64,11 @@ def main(cmd: Command, argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[%(asctime)s r{rank}] %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        cfg = cmd.load(args.job, args.overrides)
+        cfg = cmd.call("load", args.job, args.overrides)
         if args.print_config:
             print(C.to_toml(cfg), end="")
             return 0
-        cmd.validate(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        cmd.call("validate", cfg, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     except C.ConfigError as e:
         return _fail(e, 2)
     from launch.stopping import StopFlag, parse_signals
@@ -82,7 +88,7 @@ def main(cmd: Command, argv: list[str] | None = None) -> int:
     from advft.models import CheckpointFormatError
 
     try:
-        result = cmd.run(cfg, should_stop=should_stop)
+        result = cmd.call("run", cfg, should_stop=should_stop)
     except (C.ConfigError, CheckpointFormatError, DataError) as e:
         return _fail(e, 2)
     except NonFiniteLossError as e:

@@ -16,24 +16,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from launch.cli import Command, main as cli_main  # noqa: E402
 
 
-def _load(job: str, overrides: list[str]) -> Any:
-    from advft.simclr.config import load_config
-
-    return load_config(job, overrides)
-
-
-def _validate(cfg: Any, world_size: int) -> Any:
-    from advft.simclr.config import validate
-
-    return validate(cfg, world_size=world_size)
-
-
-def _run(cfg: Any, should_stop: Any = None) -> Path:
-    from advft.simclr import pretrain
-
-    return pretrain(cfg, should_stop=should_stop)
-
-
 def _summary(cfg: Any, path: Path) -> str:
     from advft.engine import RunDir
 
@@ -49,7 +31,8 @@ PRETRAIN = Command(
     prog="launch/pretrain.py", doc=__doc__, example_job="jobs/demo_pretrain.toml",
     keys="keys: the sections data, model, optim, simclr, eval, run (see advft/simclr/config.py). "
          "Example: --set optim.steps=200 --set simclr.temperature=0.2",
-    load=_load, validate=_validate, run=_run, summary=_summary)
+    load="advft.simclr.config:load_config", validate="advft.simclr.config:validate", run="advft.simclr:pretrain",
+    summary=_summary)
 
 
 def main(argv: list[str] | None = None) -> int:

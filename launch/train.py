@@ -16,24 +16,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from launch.cli import Command, main as cli_main  # noqa: E402
 
 
-def _load(job: str, overrides: list[str]) -> Any:
-    from advft import config as C
-
-    return C.load(job, overrides)
-
-
-def _validate(cfg: Any, world_size: int) -> Any:
-    from launch.base_encoder import validate
-
-    return validate(cfg, world_size=world_size)
-
-
-def _run(cfg: Any, should_stop: Any = None) -> dict[str, Any]:
-    from advft.fare import finetune
-
-    return finetune(cfg, should_stop=should_stop)
-
-
 def _summary(cfg: Any, res: dict[str, Any]) -> str:
     i, f, nan = res.get("initial") or {}, res.get("final") or {}, float("nan")
     return (f"run {cfg.run.dir}: clean {i.get('clean_acc', nan):.1f} -> {f.get('clean_acc', nan):.1f} %, "
@@ -44,8 +26,9 @@ def _summary(cfg: Any, res: dict[str, Any]) -> str:
 TRAIN = Command(
     prog="launch/train.py", doc=__doc__, example_job="jobs/demo.toml",
     keys="keys: the sections data, model, attack, loss, optim, eval, run (see advft/config.py); "
-         "aliases: alpha = loss.alpha, beta = loss.beta, lr = optim.lr. Example: --set alpha=0.1 --set optim.steps=200",
-    load=_load, validate=_validate, run=_run, summary=_summary)
+         "aliases: alpha = loss.alpha, beta = loss.beta, lr = optim.lr. "
+         "Example: --set alpha=0.1 --set optim.steps=200",
+    load="advft.config:load", validate="launch.base_encoder:validate", run="advft.fare:finetune", summary=_summary)
 
 
 def main(argv: list[str] | None = None) -> int:

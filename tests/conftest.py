@@ -12,6 +12,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+TINY_JOB = ROOT / "tests" / "assets" / "test_tiny.toml"  # the seconds-long job of the tests
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("WANDB_MODE", "disabled")
 torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -24,6 +25,19 @@ def require_or_skip(flag_env: str, available: bool, what: str) -> None:
     if os.environ.get(flag_env) == "1":
         pytest.fail(f"{what} is required here ({flag_env}=1) but not available")
     pytest.skip(f"{what} not available")
+
+
+def require_extra(what: str) -> None:
+    """Skip without the optional loader package (ffcv | dali); with ADVFT_REQUIRE_EXTRAS=1 (CI) a missing
+    package fails the test."""
+    from advft.data import dali_loader, ffcv_loader
+
+    ok = ffcv_loader.available() if what == "ffcv" else dali_loader.available()
+    if ok:
+        return
+    if os.environ.get("ADVFT_REQUIRE_EXTRAS") == "1":
+        pytest.fail(f"{what} is required here (ADVFT_REQUIRE_EXTRAS=1) but cannot be imported")
+    pytest.skip(f"{what} is not installed (bash scripts/install_extras.sh)")
 
 
 def wait_for(probe: Callable[[], Any], what: str, timeout_s: float = 240.0, poll_s: float = 0.3) -> Any:
@@ -41,7 +55,7 @@ def wait_for(probe: Callable[[], Any], what: str, timeout_s: float = 240.0, poll
 def slurm(monkeypatch):
     """For sweeps on the local cluster (tests/slurm_util.py): SLURM_CONF set; the test appends its sweep
     folders to the yielded list, and every job (runs and pretrainings) they record is cancelled at the end."""
-    from launch.sweep_state import read_sweep
+    from launch.sweeper.record import read_sweep
     from slurm_util import HOW, slurm_env
 
     env = slurm_env()
@@ -72,11 +86,11 @@ def base_encoder(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def tiny_cfg(tmp_path, base_encoder):
-    """The tests' tiny job (jobs/test_tiny.toml) with its run folder under tmp_path; extra --set items allowed."""
+    """The tests' tiny job (TINY_JOB) with its run folder under tmp_path; extra --set items allowed."""
     from advft import config as C
 
     def make(*sets: str, name: str = "t"):
-        return C.load(ROOT / "jobs" / "test_tiny.toml",
+        return C.load(TINY_JOB,
                       [f"model.checkpoint={base_encoder}", f"run.root={tmp_path / 'runs'}",
                        f"run.name={name}", f"data.path={tmp_path / 'cache'}", *sets])
 

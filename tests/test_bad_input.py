@@ -14,10 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import TINY_JOB
 from faults.record import record
 
 ROOT = Path(__file__).resolve().parent.parent
-JOB = ROOT / "jobs" / "test_tiny.toml"
+JOB = TINY_JOB
 
 
 def train(*sets: str, job: str = "{job}", flags: tuple[str, ...] = ()) -> list[str]:

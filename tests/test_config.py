@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from advft import config as C
+from conftest import TINY_JOB
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,7 +28,7 @@ def test_aliases_and_overrides_are_typed():
 
 
 def test_toml_round_trip(tmp_path):
-    cfg = C.load(ROOT / "jobs" / "test_tiny.toml", ["alpha=1"])
+    cfg = C.load(TINY_JOB, ["alpha=1"])
     (tmp_path / "config.toml").write_text(C.to_toml(cfg))
     again = C.load(tmp_path / "config.toml")
     assert again == cfg and again.hash() == cfg.hash()
@@ -37,22 +38,6 @@ def test_hash_ignores_run_name_but_not_hyperparameters():
     a = C.load(None, ["run.name=a"])
     assert a.hash() == C.load(None, ["run.name=b"]).hash()
     assert a.hash() != C.load(None, ["alpha=1"]).hash()
-
-
-@pytest.mark.parametrize("item, needle", [
-    (["optim.lrr=1"], "did you mean 'optim.lr'"),
-    (["alpah=1"], "did you mean 'alpha'"),
-    (["nosection=1"], "unknown config key"),
-    (["lr"], "KEY=VALUE"),
-    (["optim.steps=ten"], "optim.steps: expected an integer"),
-    (["optim.steps=1.5"], "optim.steps: expected an integer"),
-    (["loss.alpha=abc"], "loss.alpha: expected a number"),
-    (["run.compile=maybe"], "run.compile: expected true or false"),
-    (["optim.betas=0.9"], "optim.betas: expected 2 numbers"),
-])
-def test_type_and_key_errors(item, needle):
-    with pytest.raises(C.ConfigError, match=needle.replace("(", r"\(").replace("'", "'")):
-        C.load(None, item)
 
 
 def test_unknown_section_and_bad_toml(tmp_path):
@@ -78,24 +63,57 @@ def test_valid_config_passes(tmp_path):
     _valid(tmp_path)
 
 
-@pytest.mark.parametrize("sets, needle", [
-    (["alpha=-0.1"], "loss.alpha = -0.1 must be >= 0"),
-    (["attack.eps=0"], r"attack.eps = 0.0 must be in \(0, 255\]"),
-    (["attack.eps=300"], r"attack.eps = 300.0 must be in \(0, 255\]"),
-    (["optim.warmup_steps=30", "optim.steps=20"], "optim.warmup_steps = 30 must be between 0 and optim.steps = 20"),
-    (["model.arch=vit"], "model.arch = 'vit' is not valid; choose one of"),
-    (["data.format=hdf5"], "data.format = 'hdf5' is not valid"),
-    (["lr=0"], "optim.lr = 0.0 must be > 0"),
-    (["run.name=../escape"], "run.name = '../escape' is not a valid name"),
-    (["run.name=a/b"], "is not a valid name"),
-    (["attack.objective=ce_head"], "needs model.head"),
-    (["data.format=folder", "data.path=/nonexistent/imagenet"], "data.path: /nonexistent/imagenet does not exist"),
-    (["data.format=cifar10"], "data.path is empty"),
-    (["model.checkpoint=/nonexistent/enc.pt"], "model.checkpoint: /nonexistent/enc.pt does not exist"),
-])
-def test_validation_errors(tmp_path, sets, needle):
-    with pytest.raises(C.ConfigError, match=needle):
-        _valid(tmp_path, *sets)
+def _pretraining(tmp_path, *sets):
+    from advft import simclr
+
+    return simclr.validate(simclr.load_config(None, list(sets)))
+
+
+# One table of bad values for both configs: (which config, --set items, what the one-line error must say).
+# "load" errors come from reading (keys, types), "finetune" / "pretrain" ones from validation.
+CONFIG_ERRORS = [
+    ("load", ["optim.lrr=1"], "did you mean 'optim.lr'"),
+    ("load", ["alpah=1"], "did you mean 'alpha'"),
+    ("load", ["nosection=1"], "unknown config key"),
+    ("load", ["lr"], "KEY=VALUE"),
+    ("load", ["optim.steps=ten"], "optim.steps: expected an integer"),
+    ("load", ["optim.steps=1.5"], "optim.steps: expected an integer"),
+    ("load", ["loss.alpha=abc"], "loss.alpha: expected a number"),
+    ("load", ["run.compile=maybe"], "run.compile: expected true or false"),
+    ("load", ["optim.betas=0.9"], "optim.betas: expected 2 numbers"),
+    ("finetune", ["alpha=-0.1"], "loss.alpha = -0.1 must be >= 0"),
+    ("finetune", ["attack.eps=0"], "attack.eps = 0.0 must be in (0, 255]"),
+    ("finetune", ["attack.eps=300"], "attack.eps = 300.0 must be in (0, 255]"),
+    ("finetune", ["optim.warmup_steps=30", "optim.steps=20"],
+     "optim.warmup_steps = 30 must be between 0 and optim.steps = 20"),
+    ("finetune", ["model.arch=vit"], "model.arch = 'vit' is not valid; choose one of"),
+    ("finetune", ["data.format=hdf5"], "data.format = 'hdf5' is not valid"),
+    ("finetune", ["lr=0"], "optim.lr = 0.0 must be > 0"),
+    ("finetune", ["run.name=../escape"], "run.name = '../escape' is not a valid name"),
+    ("finetune", ["run.name=a/b"], "is not a valid name"),
+    ("finetune", ["attack.objective=ce_head"], "needs model.head"),
+    ("finetune", ["data.format=folder", "data.path=/nonexistent/imagenet"],
+     "data.path: /nonexistent/imagenet does not exist"),
+    ("finetune", ["data.format=cifar10"], "data.path is empty"),
+    ("finetune", ["model.checkpoint=/nonexistent/enc.pt"], "model.checkpoint: /nonexistent/enc.pt does not exist"),
+    ("pretrain", ["simclr.temprature=0.5"], "did you mean 'simclr.temperature'"),
+    ("pretrain", ["loss.alpha=1"], "unknown config key 'loss.alpha'"),
+    ("pretrain", ["simclr.temperature=0"], "simclr.temperature = 0.0 must be in [0.01, 10]"),
+    ("pretrain", ["simclr.temperature=abc"], "simclr.temperature: expected a number"),
+    ("pretrain", ["simclr.grayscale_p=1.5"], "simclr.grayscale_p = 1.5 must be a probability in [0, 1]"),
+    ("pretrain", ["optim.optimizer=lars"], "optim.optimizer = 'lars' is not valid"),
+    ("pretrain", ["data.batch_size=1"], "data.batch_size = 1 must be >= 2"),
+    ("pretrain", ["data.train_transform=rrc_flip"], "cropped twice"),
+    ("pretrain", ["optim.warmup_steps=20000"], "optim.warmup_steps = 20000 must be between 0 and optim.steps"),
+]
+
+
+@pytest.mark.parametrize("kind, sets, needle", CONFIG_ERRORS, ids=[" ".join(c[1]) for c in CONFIG_ERRORS])
+def test_config_errors_are_one_line_naming_the_key(tmp_path, kind, sets, needle):
+    check = {"load": lambda t, *s: C.load(None, list(s)), "finetune": _valid, "pretrain": _pretraining}[kind]
+    with pytest.raises(C.ConfigError) as e:
+        check(tmp_path, *sets)
+    assert needle in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
 def test_batch_must_divide_world_size(tmp_path):
@@ -125,7 +143,7 @@ def test_every_job_file_parses():
 
 def test_a_run_folder_written_before_fail_at_step_was_removed_still_loads_with_its_hash(tmp_path, caplog):
     # run folders are named by the hash: an old config.toml (with run.fail_at_step) must give the same one
-    cfg = C.load(ROOT / "jobs" / "test_tiny.toml", ["alpha=1"])
+    cfg = C.load(TINY_JOB, ["alpha=1"])
     old = C.to_toml(cfg).replace("[run]\n", "[run]\nfail_at_step = -1\n")
     (tmp_path / "config.toml").write_text(old)
     again = C.load(tmp_path / "config.toml")

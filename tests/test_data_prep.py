@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 import pickle
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ from advft.data import dali_loader, ffcv_loader
 from advft.data.datasets import DataError
 from advft.data.loader import ShardedBatchSampler
 from advft.data.transforms import RRC_RATIO, center_crop, resize, rrc_scale
+from conftest import require_extra
 from data_prep.__main__ import main
 from data_prep.images import read_rgb
 from data_prep.sources import PrepError, resolve, subset_indices
@@ -35,14 +35,6 @@ NOT_RGB_JPEG = {"class0/gray.JPEG": "L JPEG", "class1/cmyk.JPEG": "CMYK JPEG", "
 CONTRAST = "class0/contrast.JPEG"
 
 
-def require(what: str) -> None:
-    """Skip without the package; with ADVFT_REQUIRE_EXTRAS=1 (CI) a missing package fails the test."""
-    ok = ffcv_loader.available() if what == "ffcv" else dali_loader.available()
-    if ok:
-        return
-    if os.environ.get("ADVFT_REQUIRE_EXTRAS") == "1":
-        pytest.fail(f"{what} is required here (ADVFT_REQUIRE_EXTRAS=1) but cannot be imported")
-    pytest.skip(f"{what} is not installed (bash scripts/install_extras.sh)")
 
 
 # FFCV compiles its pipeline with numba; when a loader is garbage-collected, numba's finalizer of
@@ -53,12 +45,12 @@ NUMBA_FINALIZER_NOISE = pytest.mark.filterwarnings(
 
 @pytest.fixture
 def need_ffcv() -> None:
-    require("ffcv")
+    require_extra("ffcv")
 
 
 @pytest.fixture
 def need_dali() -> None:
-    require("dali")
+    require_extra("dali")
 
 
 # ---------------------------------------------------------------- test data
@@ -195,7 +187,7 @@ def test_loaders_name_a_missing_path(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def raw_beton(tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    require("ffcv")  # module fixtures run before the tests' own need_ffcv
+    require_extra("ffcv")  # module fixtures run before the tests' own need_ffcv
     out = tmp_path_factory.mktemp("ffcv")
     assert main(["ffcv", str(tree), str(out), "--write-mode", "raw", "--max-res", "1000", "--workers", "1"]) == 0
     return out / "train_1000_0.50_90_raw.beton"
@@ -334,7 +326,7 @@ def test_ffcv_loader_follows_the_sharding_contract_and_resumes(need_ffcv, tmp_pa
 
 @pytest.fixture(scope="module")
 def dali_out(tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    require("dali")
+    require_extra("dali")
     out = tmp_path_factory.mktemp("dali")
     assert main(["dali", str(tree), str(out), "--shards", "3", "--workers", "1", "--verify"]) == 0
     return out

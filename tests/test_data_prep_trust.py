@@ -30,14 +30,14 @@ BETON = "train_full_0.50_90_raw.beton"
 
 @pytest.fixture
 def need_ffcv() -> None:
-    from test_data_prep import require
+    from conftest import require_extra as require
 
     require("ffcv")
 
 
 @pytest.fixture
 def need_dali() -> None:
-    from test_data_prep import require
+    from conftest import require_extra as require
 
     require("dali")
 

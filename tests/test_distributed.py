@@ -32,10 +32,10 @@ def test_two_gloo_ranks_equal_one_process(tmp_path, base_encoder, bn, port):
     # (measured here: at most 2e-6 after 2 steps, 2e-3 after 6). Two steps still catch any real difference (sharding,
     # start noise, scaling of the loss), which shows from the first step on.
     flags = [x for s in sets for x in ("--set", s)]
-    one = _run([sys.executable, "launch/train.py", "jobs/test_tiny.toml", *flags, "--set", "run.name=one"], {})
+    one = _run([sys.executable, "launch/train.py", "tests/assets/test_tiny.toml", *flags, "--set", "run.name=one"], {})
     assert one.returncode == 0, one.stderr[-3000:]
     two = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-                "launch/train.py", "jobs/test_tiny.toml", *flags, "--set", "run.name=two"],
+                "launch/train.py", "tests/assets/test_tiny.toml", *flags, "--set", "run.name=two"],
                {"ACCELERATE_USE_CPU": "1"})
     assert two.returncode == 0, two.stderr[-3000:]
     manifest = (tmp_path / "two" / "manifest.json").read_text()
@@ -72,7 +72,7 @@ def test_the_accelerator_keeps_the_thread_count_the_caller_chose():
 @pytest.mark.dist
 def test_world_size_must_divide_batch(tmp_path, base_encoder):
     r = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
-              "launch/train.py", "jobs/test_tiny.toml", "--set", f"model.checkpoint={base_encoder}",
+              "launch/train.py", "tests/assets/test_tiny.toml", "--set", f"model.checkpoint={base_encoder}",
               "--set", f"run.root={tmp_path}", "--set", "data.batch_size=15"], {"ACCELERATE_USE_CPU": "1"})
     assert r.returncode != 0
     assert "data.batch_size = 15 is not divisible by the world size 2" in r.stderr

@@ -75,7 +75,7 @@ def test_recipes_evaluate_on_enough_images_at_the_end() -> None:
 
 
 def test_seed_axis_names_runs_and_aggregates_into_mean_and_interval(tmp_path: Path) -> None:
-    from launch.grid import expand, parse_grid, run_name
+    from launch.sweeper.grid import expand, parse_grid, run_name
 
     axes = parse_grid(["alpha=0,1", "seed=0,1,2"])
     assert [a.key for a in axes] == ["loss.alpha", "run.seed"]
@@ -100,7 +100,7 @@ def test_seed_axis_names_runs_and_aggregates_into_mean_and_interval(tmp_path: Pa
 def test_sweep_table_shows_intervals_and_n(tmp_path: Path) -> None:
     import json
 
-    from launch.sweep_state import results_table
+    from launch.sweeper.record import results_table
 
     run = tmp_path / "r"
     run.mkdir()

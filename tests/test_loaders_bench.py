@@ -7,14 +7,13 @@ ADVFT_REQUIRE_EXTRAS=1 (CI), as in tests/test_data_prep.py.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, require_extra
 from PIL import Image
 
 from advft.data import dali_loader, ffcv_loader
@@ -23,14 +22,6 @@ from benchmarks import loaders as bench
 SCRIPT = ROOT / "benchmarks" / "loaders.py"
 
 
-def require(what: str) -> None:
-    """Skip without the package; with ADVFT_REQUIRE_EXTRAS=1 (CI) a missing package fails the test."""
-    ok = ffcv_loader.available() if what == "ffcv" else dali_loader.available()
-    if ok:
-        return
-    if os.environ.get("ADVFT_REQUIRE_EXTRAS") == "1":
-        pytest.fail(f"{what} is required here (ADVFT_REQUIRE_EXTRAS=1) but cannot be imported")
-    pytest.skip(f"{what} is not installed (bash scripts/install_extras.sh)")
 
 
 def test_interleaving_runs_every_loader_once_per_repeat_in_rotated_order() -> None:
@@ -160,8 +151,8 @@ def test_smoke_folder_loaders_interleaved(tmp_path: Path) -> None:
 @pytest.mark.ffcv
 @pytest.mark.dali
 def test_smoke_folder_ffcv_and_dali(tmp_path: Path) -> None:
-    require("ffcv")
-    require("dali")
+    require_extra("ffcv")
+    require_extra("dali")
     loaders = ["folder", "ffcv", "dali"]  # each FFCV measurement compiles its pipeline: keep them few
     report, _ = _run(tmp_path, "--loaders", ",".join(loaders), "--repeats", "1")
     _check_report(report, loaders, repeats=1)
@@ -174,7 +165,7 @@ def test_smoke_folder_ffcv_and_dali(tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.dali
 def test_dali_ab_pairs_two_versions_of_the_loader(tmp_path: Path) -> None:
-    require("dali")
+    require_extra("dali")
     _run(tmp_path, "--loaders", "dali", "--repeats", "1")  # writes the plan dali_ab.py reads
     out = tmp_path / "ab.json"
     module = str(ROOT / "advft" / "data" / "dali_loader.py")

@@ -15,11 +15,11 @@ from advft.attacks import apgd
 from advft.fare.task import build_optimizer
 from advft.losses import LOSSES, attack_objective
 from advft.models import build_encoder
-from launch import grid as G
+from launch.sweeper import grid as G
 from launch import sweep as SW
 
 CPU = torch.device("cpu")
-TINY_JOB = Path(__file__).resolve().parent.parent / "jobs" / "test_tiny.toml"
+TINY_JOB = Path(__file__).resolve().parent / "assets" / "test_tiny.toml"
 
 
 def _setup(name: str, bn: str = "train") -> tuple[C.Config, S.StepModels, torch.optim.Optimizer]:

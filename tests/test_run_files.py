@@ -17,7 +17,7 @@ from advft.engine import RunDir
 from launch import pretrain as LP, report as LR, train as LT
 
 ROOT = Path(__file__).resolve().parent.parent
-JOB = ROOT / "jobs" / "test_tiny.toml"
+JOB = ROOT / "tests" / "assets" / "test_tiny.toml"
 
 
 def _damage(rd: RunDir) -> list[str]:
@@ -55,7 +55,7 @@ def test_train_warns_about_damaged_run_files_and_resumes_from_its_checkpoints(tm
 
 def test_pretrain_remakes_a_truncated_encoder_and_resumes_past_damaged_files(tmp_path, caplog, capsys):
     from advft.simclr.config import load_config
-    from test_pretrain import TINY
+    from simclr.test_pretrain import TINY
 
     caplog.set_level(logging.INFO)
     cfg = load_config(None, [*TINY, f"run.root={tmp_path / 'runs'}", "run.name=p", f"data.path={tmp_path / 'c'}"])

@@ -69,7 +69,7 @@ def test_cifar10_sbatch_trains_two_gloo_ranks_through_srun_and_requeues_itself_o
     submit = subprocess.run(
         ["sbatch", "--parsable", "--gpus-per-node=0", f"--cpus-per-task={min(cpus, 2)}", "--time=10",
          "--partition=debug", f"--output={log}", "--export=ALL,PROCS_PER_NODE=2,WANDB_MODE=disabled",
-         "slurm/cifar10.sbatch", "jobs/test_tiny.toml", *(x for s in sets for x in ("--set", s))],
+         "slurm/cifar10.sbatch", "tests/assets/test_tiny.toml", *(x for s in sets for x in ("--set", s))],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert submit.returncode == 0, submit.stderr
     job = submit.stdout.strip().split(";")[0]
@@ -116,7 +116,7 @@ def test_imagenet_sbatch_runs_one_rank_per_node_on_two_nodes_requeues_and_equals
     submit = subprocess.run(
         ["sbatch", "--parsable", "--nodes=2", "--gpus-per-node=0", "--cpus-per-task=1", "--time=10",
          "--partition=debug", f"--output={log}", "--export=ALL,WANDB_MODE=disabled", "slurm/imagenet.sbatch",
-         "jobs/test_tiny.toml", *(x for s in sets for x in ("--set", s))],
+         "tests/assets/test_tiny.toml", *(x for s in sets for x in ("--set", s))],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert submit.returncode == 0, submit.stderr
     job = submit.stdout.strip().split(";")[0]
@@ -144,7 +144,7 @@ def test_imagenet_sbatch_runs_one_rank_per_node_on_two_nodes_requeues_and_equals
     wait_sacct(env, job, ["REQUEUED", "COMPLETED"], every_start=True)
     # one process with the same global batch ends where the two ranks did, within the last float bits that
     # the ranks' all-reduced gradient changes (tests/test_distributed.py: why 2 steps and this tolerance)
-    one = subprocess.run([sys.executable, "launch/train.py", "jobs/test_tiny.toml",
+    one = subprocess.run([sys.executable, "launch/train.py", "tests/assets/test_tiny.toml",
                           *(x for s in sets for x in ("--set", s)), "--set", "run.name=one"], cwd=ROOT,
                          env={**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"},
                          capture_output=True, text=True, timeout=600)

@@ -22,7 +22,7 @@ from advft.engine import Interrupted
 from advft.fare import finetune
 from faults import helpers as H
 from faults.record import record
-from launch import grid as G
+from launch.sweeper import grid as G
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ("advft", "launch", "data_prep", "benchmarks", "scripts", "slurm")  # everything but the tests

@@ -22,16 +22,16 @@ import torch
 from advft import checkpoint as ckpt
 from advft import config as C
 from advft.fare import finetune
-from conftest import wait_for
+from conftest import TINY_JOB, wait_for
 from faults import hold
 from slurm_util import wait_sacct
-from launch import grid as G
+from launch.sweeper import grid as G
 from launch import sweep as S
 from launch.profiles import KEYS, PROFILE_DIR, load_profile
-from launch.sweep_state import read_sweep, sweep_lock
+from launch.sweeper.record import read_sweep, sweep_lock
 
 ROOT = Path(__file__).resolve().parent.parent
-JOB = ROOT / "jobs" / "test_tiny.toml"
+JOB = TINY_JOB
 LEAN = ["eval.final_targets=0", "eval.probe_epochs=5", "eval.final_attack_steps=2", "eval.attack_steps=2",
         "eval.probe_train_size=64", "eval.test_size=32", "eval.every=0"]
 # the run the interruption tests cut: log every 2 steps, periodic checkpoints every 8

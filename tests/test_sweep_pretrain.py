@@ -19,15 +19,16 @@ from pathlib import Path
 import pytest
 
 from advft import config as C
-from conftest import wait_for
+from conftest import TINY_JOB, wait_for
 from faults import hold
 from slurm_util import wait_sacct
 from launch import base_encoder
 from launch import sweep as S
-from launch.sweep_state import read_sweep
+from launch.sweeper import cli as sweep_cli
+from launch.sweeper.record import read_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
-JOB = ROOT / "jobs" / "test_tiny.toml"
+JOB = TINY_JOB
 LEAN = ["eval.final_targets=0", "eval.probe_epochs=5", "eval.final_attack_steps=2", "eval.attack_steps=2",
         "eval.probe_train_size=64", "eval.test_size=32", "eval.every=0", "optim.steps=4"]
 
@@ -350,13 +351,13 @@ def test_a_sweep_started_while_the_pretraining_runs_reuses_its_job(tmp_path, cac
     env = {**os.environ, "WANDB_MODE": "disabled", **hold.environment(held, until="release")}
     first = subprocess.Popen([sys.executable, "launch/sweep.py", *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
-    wait = S.wait_pretraining
+    wait = sweep_cli.wait_pretraining  # where the sweep's passes call it
 
     def release_then_wait(*args, **kwargs):  # the second sweep has decided: let the pretraining go on
         hold.release(held)
         return wait(*args, **kwargs)
 
-    monkeypatch.setattr(S, "wait_pretraining", release_then_wait)
+    monkeypatch.setattr(sweep_cli, "wait_pretraining", release_then_wait)
     try:
         hold.wait_held(held, alive=lambda: first.poll() is None)
         (pre,) = read_sweep(tmp_path / "runs" / "twice")["pretraining"].values()

@@ -194,7 +194,7 @@ def load_sweep(sweep_dir: str | os.PathLike) -> Sweep:
         if not isinstance(record, dict):
             raise ReportError(f"{sj} does not hold a sweep record (a JSON object)")
     planned = record.get("runs", {}) if isinstance(record.get("runs"), dict) else {}
-    # run names are folder names (launch/grid.py checks them); anything else in a hand-edited record is ignored
+    # run names are folder names (launch/sweeper/grid.py checks them); anything else in a hand-edited record is ignored
     planned = {n: e for n, e in planned.items() if isinstance(e, dict) and n not in (".", "..")
                and "/" not in n and os.sep not in n}
     names = set(planned)

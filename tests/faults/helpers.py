@@ -23,7 +23,7 @@ from advft import checkpoint as ckpt
 from advft import config as C
 
 ROOT = Path(__file__).resolve().parents[2]
-JOB = ROOT / "jobs" / "test_tiny.toml"
+JOB = conftest.TINY_JOB
 STEPS = 12
 CKPT_EVERY = 3
 LEAN = ["eval.every=0", "eval.final_targets=0", "eval.probe_epochs=5", "eval.final_attack_steps=2",

@@ -10,7 +10,7 @@ import sys
 from advft import checkpoint as ckpt
 from faults import helpers as H
 from faults.record import record
-from launch.sweep_state import read_sweep
+from launch.sweeper.record import read_sweep
 
 
 def test_two_sweeps_at_once_neither_corrupt_nor_double_run(tmp_path, base_encoder, fault_cache, reference):

@@ -20,7 +20,7 @@ from advft import checkpoint as ckpt
 from advft.fare import finetune
 from faults import helpers as H
 from faults.record import record
-from launch.sweep_state import read_sweep
+from launch.sweeper.record import read_sweep
 
 RNG = random.Random(H.SEED + 4)
 K_TRAIN, K_PERSIST, K_SWEEP = (RNG.randrange(4, H.STEPS - 1) for _ in range(3))

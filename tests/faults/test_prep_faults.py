@@ -28,14 +28,14 @@ RAW = ["--write-mode", "raw", "--max-res", "0"]
 
 @pytest.fixture
 def need_ffcv() -> None:
-    from test_data_prep import require
+    from conftest import require_extra as require
 
     require("ffcv")
 
 
 @pytest.fixture
 def need_dali() -> None:
-    from test_data_prep import require
+    from conftest import require_extra as require
 
     require("dali")
 

@@ -14,11 +14,11 @@ import torch.nn.functional as F
 
 from advft import config as C
 from advft import simclr as P
-from advft.models import build_encoder, load_encoder
 from advft.engine import Interrupted, NonFiniteLossError
+from advft.models import build_encoder, load_encoder
 from advft.simclr.augment import _shift_hue
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------------------------------- NT-Xent
@@ -356,22 +356,6 @@ def test_jobs_load_and_validate(tmp_path):
     (tmp_path / "config.toml").write_text(C.to_toml(demo))
     again = P.load_config(tmp_path / "config.toml")
     assert again == demo and again.hash() == demo.hash()
-
-
-@pytest.mark.parametrize("items, needle", [
-    (["simclr.temprature=0.5"], "did you mean 'simclr.temperature'"),
-    (["loss.alpha=1"], "unknown config key 'loss.alpha'"),
-    (["simclr.temperature=0"], "simclr.temperature = 0.0 must be in"),
-    (["simclr.temperature=abc"], "simclr.temperature: expected a number"),
-    (["simclr.grayscale_p=1.5"], "simclr.grayscale_p"),
-    (["optim.optimizer=lars"], "optim.optimizer = 'lars' is not valid"),
-    (["data.batch_size=1"], "data.batch_size = 1 must be >= 2"),
-    (["data.train_transform=rrc_flip"], "cropped twice"),
-    (["optim.warmup_steps=20000"], "optim.warmup_steps"),
-])
-def test_config_errors_name_the_key(items, needle):
-    with pytest.raises(C.ConfigError, match=needle.replace("(", r"\(")):
-        P.validate(P.load_config(None, items))
 
 
 def test_unknown_key_in_a_job_file_is_reported(tmp_path):

@@ -4,12 +4,14 @@ sweeps started on the same folder, what each run folder says about its run, and 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import datetime
 import fcntl
 import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from advft.engine.rundir import write_json
 
@@ -130,3 +132,46 @@ def results_table(runs: list[tuple[str, Path, dict[str, Any]]]) -> str:
     return table(["run", "alpha", "lr", "clean % [95 % CI] (initial -> final)",
                   "robust % [95 % CI] (initial -> final)", "status"], rows)
 
+
+def _now() -> str:
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def update_record(plan: Any, record: dict[str, Any], argv: list[str], decisions: Mapping[str, str],
+                  submitted: dict[str, str], pre: Mapping[str, str] | None = None,
+                  pre_submitted: dict[str, str] | None = None) -> dict[str, Any]:
+    """sweep.json after this pass of the sweep (``plan``: a launch.sweeper.plan.Plan): every planned run and
+    pretraining with its folder, hash, job id and last decision, and the submission history."""
+    pre, pre_submitted = pre or {}, pre_submitted or {}
+    pretraining = dict(record.get("pretraining", {}))
+    for p in plan.pretrains:
+        entry = dict(pretraining.get(p.key, {}))
+        entry.update({"name": p.cfg.run.name, "job": str(p.job), "dir": p.key, "encoder": str(p.encoder),
+                      "config_hash": p.cfg.hash(), "runs": list(p.runs)})
+        if p.key in pre_submitted:
+            entry.update({"job_id": pre_submitted[p.key], "cluster": plan.kind, "submitted": _now()})
+        entry["last_decision"] = pre.get(p.key, entry.get("last_decision", "-"))
+        pretraining[p.key] = entry
+    runs = dict(record.get("runs", {}))
+    for r in plan.runs:
+        entry = dict(runs.get(r.name, {}))
+        entry.update({"dir": str(r.cfg.run.dir), "grid": r.point, "config_hash": r.cfg.hash()})
+        if r.name in submitted:
+            entry.update({"job_id": submitted[r.name], "cluster": plan.kind, "submitted": _now()})
+        entry["last_decision"] = decisions[r.name]
+        runs[r.name] = entry
+    history = list(record.get("submissions", []))
+    if pre_submitted:
+        history.append({"time": _now(), "cluster": plan.kind, "job_ids": sorted(set(pre_submitted.values())),
+                        "pretraining": sorted(pre_submitted), "command": argv})
+    if submitted:
+        history.append({"time": _now(), "cluster": plan.kind, "job_ids": sorted(set(submitted.values())),
+                        "runs": sorted(submitted), "command": argv})
+    return {
+        "name": plan.name, "dir": str(plan.sweep_dir), "job": str(plan.job), "command": argv,
+        "cwd": str(Path.cwd()), "grid": {a.key: list(a.values) for a in plan.axes}, "set": plan.fixed,
+        "cluster": {"kind": plan.kind, "profile": plan.profile.name,
+                    "parameters": dataclasses.asdict(plan.profile),
+                    "submitit_folder": str(plan.submitit_dir)},
+        "runs": runs, **({"pretraining": pretraining} if pretraining else {}), "submissions": history,
+    }
