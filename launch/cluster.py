@@ -42,20 +42,22 @@ def slurm_unavailable() -> str | None:
     return None
 
 
-def resolve_kind(cluster: str, submitting: bool = True) -> str:
-    """``auto``: SLURM when a controller answers, else local processes (one line on stderr says why).
-    A dry run of ``slurm`` needs no SLURM."""
+def choose_kind(cluster: str, submitting: bool = True) -> tuple[str, str]:
+    """The executor kind and, when ``auto`` fell back to local processes, the line that says why.
+    ``auto``: SLURM when a controller answers, else local processes. A dry run of ``slurm`` needs no SLURM."""
     if cluster not in KINDS:
         raise ConfigError(f"--cluster {cluster!r} is not valid; choose one of: {', '.join(KINDS)}")
     if cluster == "auto":
         why = slurm_unavailable()
-        if why is None:
-            return "slurm"
-        print(f"--cluster auto: running local processes: {why}", file=sys.stderr)
-        return "local"
+        return ("slurm", "") if why is None else ("local", f"--cluster auto: local processes, since {why}")
     if cluster == "slurm" and submitting and not (shutil.which("sbatch") and shutil.which("srun")):
         raise ConfigError("--cluster slurm but sbatch/srun are not on PATH; use --cluster local (or auto)")
-    return cluster
+    return cluster, ""
+
+
+def resolve_kind(cluster: str, submitting: bool = True) -> str:
+    """:func:`choose_kind` without the note."""
+    return choose_kind(cluster, submitting)[0]
 
 
 def _pythonpath_setup() -> list[str]:

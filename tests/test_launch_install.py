@@ -31,15 +31,15 @@ def fake_slurm(bin_dir: Path, sinfo_rc: int, sinfo_err: str = "") -> None:
 def test_auto_is_local_when_the_slurm_client_is_installed_but_no_controller_answers(tmp_path, monkeypatch, capsys):
     fake_slurm(tmp_path / "bin", 1, "sinfo: fatal: Could not establish a configuration source")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    assert K.resolve_kind("auto") == "local"
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "running local processes" in err[0] and "Could not establish" in err[0]
+    kind, note = K.choose_kind("auto")
+    assert kind == "local" and "local processes" in note and "Could not establish" in note
+    assert K.choose_kind("local") == ("local", "")  # asked for, not a fallback: nothing to explain
 
 
 def test_auto_is_slurm_when_the_controller_answers(tmp_path, monkeypatch, capsys):
     fake_slurm(tmp_path / "bin", 0)
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    assert K.resolve_kind("auto") == "slurm" and capsys.readouterr().err == ""
+    assert K.choose_kind("auto") == ("slurm", "")
 
 
 def _pinned(name: str) -> str:

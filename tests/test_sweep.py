@@ -201,7 +201,7 @@ def test_slurm_without_sbatch_is_bad_input_but_auto_falls_back_to_local(monkeypa
     assert rc == 2 and "sbatch/srun are not on PATH" in err and not root.exists()
     assert K.resolve_kind("auto") == "local"
     rc, out, _ = run_main(capsys, args_for(root, base_encoder, cache, "--dry-run"))  # auto
-    assert rc == 0 and "cluster local" in out
+    assert rc == 0 and "cluster local" in out and "--cluster auto: local processes, since sbatch/srun are not on PATH" in out
 
 
 def test_dry_run_shows_the_array_and_its_sbatch_script_and_submits_nothing(tmp_path, base_encoder, cache,

@@ -8,7 +8,7 @@ runs whose job is still queued or running are left alone, unfinished and failed 
 ``model.pretrain`` names the pretraining job that makes it, that job runs first, once: on SLURM the array
 waits for it (``--dependency=afterok``, and is cancelled if it fails), elsewhere the sweep waits for it and
 then submits the array; a finished pretraining is not run again. ``--cluster auto`` uses SLURM when
-``sbatch`` is on PATH, else local processes; the cluster's facts come from a profile in ``slurm/profiles/``
+its controller answers, else local processes (the plan says why); the cluster's facts come from a profile in ``slurm/profiles/``
 (``--profile``, default ``$ADVFT_PROFILE`` or ``local``) plus the overrides below.
 
 Writes ``<run.root>/<sweep>/sweep.json`` (command line, grid, runs, pretraining, job ids, cluster). Exit codes:
@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "weight it does not read)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override one config value for every run (repeatable)")
-    p.add_argument("--cluster", default="auto", help="auto (slurm if sbatch is on PATH, else local) | slurm | "
+    p.add_argument("--cluster", default="auto", help="auto (slurm if its controller answers, else local) | slurm | "
                    "local | debug (in this process, one run after the other)")
     p.add_argument("--profile", default=None, help="cluster profile: a name in slurm/profiles/ or a TOML path "
                    "(default $ADVFT_PROFILE or local)")
@@ -72,6 +72,8 @@ def print_plan(plan: Plan, decisions: dict[str, Decision], job_ids: dict[str, st
     print(f"sweep {plan.name}: {len(plan.runs)} run(s) of {plan.job} in {plan.sweep_dir}\n"
           f"cluster {plan.kind}, profile {p.name}: {p.nodes} node(s) x {p.tasks} task(s), "
           f"{p.gpus_per_node} GPU(s)/node, {p.timeout_min} min/job, requeue signal {p.signal_delay_s} s before")
+    if plan.note:
+        print(plan.note)
     pre, pre_ids = pre or {}, pre_ids or {}
     for t in plan.pretrains:
         print(f"pretraining {t.job} -> {t.encoder}: the base encoder of {len(t.runs)} run(s)")

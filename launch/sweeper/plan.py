@@ -73,6 +73,7 @@ class Plan:
     kind: str  # slurm | local | debug
     profile: Profile
     pretrains: tuple[PlannedPretrain, ...] = ()  # the jobs that make the runs' base encoders
+    note: str = ""  # why --cluster auto chose local processes (shown with the plan)
 
     @property
     def submitit_dir(self) -> Path:
@@ -81,13 +82,13 @@ class Plan:
 
 def build_plan(args: argparse.Namespace) -> Plan:
     """Everything decided before anything is written: configs (validated), names, cluster. Raises ConfigError."""
-    from launch.cluster import resolve_kind
+    from launch.cluster import choose_kind
 
     fixed = C.parse_set(args.overrides)
     if "run.name" in fixed:
         raise C.ConfigError("--set run.name: the sweep names its runs; use --name to name the sweep")
     axes = G.parse_grid(args.grid, fixed)
-    kind = resolve_kind(args.cluster, submitting=not args.dry_run)
+    kind, note = choose_kind(args.cluster, submitting=not args.dry_run)
     named = {"partition": args.partition, "nodes": args.nodes, "gpus_per_node": args.gpus_per_node,
              "timeout_min": args.timeout_min}
     overrides = {**parse_overrides(args.cluster_set), **{k: v for k, v in named.items() if v is not None}}
@@ -124,7 +125,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         runs.append(PlannedRun(name, point, cfg))
     pretrains = plan_pretraining(runs, world)
     check_model_files([r.cfg for r in runs], made={p.encoder for p in pretrains if not p.finished()})
-    return Plan(sweep, sweep_dir, job, axes, fixed, runs, kind, profile, tuple(pretrains))
+    return Plan(sweep, sweep_dir, job, axes, fixed, runs, kind, profile, tuple(pretrains), note)
 
 
 def plan_pretraining(runs: list[PlannedRun], world: int) -> list[PlannedPretrain]:
