@@ -11,9 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from launch.cli import Command, main as cli_main  # noqa: E402
+from launch.cli import Command, main as cli_main
 
 
 def _summary(cfg: Any, path: Path) -> str:

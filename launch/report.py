@@ -15,11 +15,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from advft import report as R  # noqa: E402
+from advft import report as R
 
 
 class _Parser(argparse.ArgumentParser):

@@ -5,11 +5,8 @@ The code is the package launch/sweeper/ (``--help`` tells everything else)."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from launch.sweeper import Decision, Plan, build_plan, main, parse_args, submit  # noqa: E402
+from launch.sweeper import Decision, Plan, build_plan, main, parse_args, submit
 
 __all__ = ["Decision", "Plan", "build_plan", "main", "parse_args", "submit"]
 

@@ -8,12 +8,9 @@ nothing."""
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from launch.cli import Command, main as cli_main  # noqa: E402
+from launch.cli import Command, main as cli_main
 
 
 def _summary(cfg: Any, res: dict[str, Any]) -> str:

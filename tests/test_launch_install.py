@@ -78,3 +78,29 @@ def test_requires_python_is_the_oldest_python_the_code_runs_on():
     for folder in ("advft", "launch", "data_prep"):
         for path in (ROOT / folder).rglob("*.py"):
             ast.parse(path.read_text(), str(path), feature_version=minimum)
+
+
+COMMANDS = {"advft-train": "launch/train.py", "advft-pretrain": "launch/pretrain.py", "advft-sweep": "launch/sweep.py",
+            "advft-report": "launch/report.py", "advft-prep": None}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_the_installed_commands_and_the_scripts_run_from_anywhere_without_pythonpath(command, tmp_path):
+    """``pip install -e .`` gives the console commands; ``python launch/X.py`` works from another folder with no
+    PYTHONPATH, because launch/ is an installed package (no sys.path edits in the scripts)."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    exe = Path(sys.executable).parent / command
+    assert exe.is_file(), f"{command} is not installed next to {sys.executable}: run bash scripts/setup.sh"
+    runs = [[str(exe), "--help"]]
+    if COMMANDS[command]:
+        runs.append([sys.executable, str(ROOT / COMMANDS[command]), "--help"])
+    for argv in runs:
+        done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "usage" in done.stdout.lower(), (argv, done.stderr[-2000:])
+
+
+def test_no_script_edits_sys_path():
+    for path in (ROOT / "launch").rglob("*.py"):
+        assert "sys.path" not in path.read_text(), f"{path} edits sys.path; launch/ is an installed package"
