@@ -186,12 +186,22 @@ class _Loop:
         """Every rank evaluates, rank 0 logs. Returns the last record's result. A stop request abandons the
         evaluation (nothing of it is logged): at step 0 and at the end nothing needs saving (the run resumes
         before it), mid-run the checkpoint of ``step`` is written marked ``eval_pending`` for the resume."""
+        chunks, t0 = [0], time.perf_counter()
+
+        def check() -> None:
+            chunks[0] += 1
+            self.stop.check()
+
         try:
-            records = self.task.evaluate(step, final, self.stop.check)
+            records = self.task.evaluate(step, final, check)
         except StopRequested:
             if 0 < step < self.task.cfg.optim.steps:
                 self.save(step, eval_pending=True)
             raise Interrupted(step) from None
+        took = time.perf_counter() - t0
+        # what slurm/README.md sizes the requeue signal's lead time from (the longest chunk between two polls)
+        log.info("evaluation at step %d: %.1f s in %d chunks (about %.1f s each)", step, took, chunks[0],
+                 took / max(chunks[0], 1))
         for kind, res in records:
             self.metrics.log({"step": step, "kind": kind, **res})
             if self.acc.is_main_process and self.run.progress:
@@ -205,12 +215,15 @@ class _Loop:
 
     def save(self, step: int, eval_pending: bool = False) -> None:
         self.check_finite()  # never checkpoint weights that saw a non-finite loss
+        t0 = time.perf_counter()
         if self.acc.is_main_process:
             state = {**self.task.state(), "step": step, "rng": ckpt.rng_state(), "config": self.task.cfg.to_dict(),
                      "eval_pending": eval_pending}
             ckpt.save(self.rd.path, step, state, keep_last=self.run.keep_last)
         self.acc.wait_for_everyone()
         self.last_saved = step
+        if self.acc.is_main_process:  # slurm/README.md sizes the requeue signal's lead time from this line
+            log.info("checkpoint of step %d written in %.1f s", step, time.perf_counter() - t0)
 
     def train(self, loader: Any, start: int) -> None:
         cfg, run, task, acc = self.task.cfg, self.run, self.task, self.acc
