@@ -21,7 +21,7 @@ from torch import Tensor
 from advft import checkpoint as ckpt
 from advft.distributed import make_accelerator, precision_label, run_precision
 from advft.engine.record import MetricsLog, finish_wandb, start_wandb, update_manifest
-from advft.engine.errors import Interrupted, NonFiniteLossError, any_rank
+from advft.engine.errors import Interrupted, NonFiniteLossError
 from advft.engine.progress import Progress, eval_line
 from advft.engine.rundir import RunDir
 from advft.engine.stop import StopPoll, StopRequested
