@@ -130,3 +130,50 @@ def test_the_ddp_module_is_compiled_and_the_attack_keeps_the_compiled_plain_enco
     assert isinstance(m.phi_fn, torch._dynamo.eval_frame.OptimizedModule) and m.phi_fn._orig_mod is task.phi
     assert isinstance(m.phi_ddp, torch._dynamo.eval_frame.OptimizedModule)
     assert isinstance(m.phi_ddp._orig_mod, nn.Sequential) and m.phi_ddp._orig_mod[0] is task.phi
+
+
+@pytest.mark.dist
+def test_compiled_ddp_on_two_gloo_ranks_equals_eager(tiny_cfg, tmp_path):
+    """Two FARE steps on 2 gloo ranks through launch/train.py, run.compile true vs false, same everything else.
+
+    Tolerance: inductor fuses and reorders float32 reductions, so compiled and eager differ in the last bits.
+    The first step's loss (before any update) agrees to rtol 1e-4. The weights: AdamW's first updates are
+    about lr * sign(g) whatever the gradient's size, so a near-zero gradient element that rounding puts on the
+    other side of zero moves its weight by up to 2 lr per step the other way. Compile alone (one process, no
+    DDP) flips a few % of the weights so; a rank training alone on its half of the batch (the failure this
+    guards against: a missed all-reduce) moves most of them. So: at most 20 % of the weights beyond rtol
+    1e-4 / atol 1e-5, none by more than 2 lr per step. Two steps (more would let APGD's sign steps amplify
+    the bits), BN in eval mode."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    cfg = tiny_cfg()
+    sets = [f"model.checkpoint={cfg.model.checkpoint}", f"run.root={tmp_path}", f"data.path={cfg.data.path}",
+            "model.bn=eval", "optim.steps=2", "optim.warmup_steps=1", "eval.every=0", "run.ckpt_every=1",
+            "run.log_every=1", "eval.test_size=8", "eval.probe_train_size=32", "eval.final_targets=0"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    job = next(p for p in (root / "jobs" / "test_tiny.toml", root / "tests" / "assets" / "test_tiny.toml") if p.is_file())
+    from advft import checkpoint as ckpt
+
+    weights = {}
+    for name, compiled in (("eager", "false"), ("compiled", "true")):
+        flags = [x for s in [*sets, f"run.compile={compiled}", f"run.name={name}"] for x in ("--set", s)]
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                            str(_free_port()), "launch/train.py", str(job), *flags],
+                           cwd=root, env=env, capture_output=True, text=True, timeout=900)
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert '"world_size": 2' in (tmp_path / name / "manifest.json").read_text()
+        weights[name] = ckpt.load_latest(tmp_path / name)[1]["model"]
+    base = load_encoder(cfg.model.checkpoint, arch="tiny", stem="cifar").net.state_dict()
+    a, b = weights["eager"], weights["compiled"]
+    assert max((a[k].float() - base[k].float()).abs().max().item() for k in a) > 1e-3  # training moved phi
+    losses = [[r["loss"] for r in map(json.loads, (tmp_path / n / "metrics.jsonl").read_text().splitlines())
+               if r["kind"] == "train"] for n in ("eager", "compiled")]
+    assert len(losses[0]) == 2 and losses[1][0] == pytest.approx(losses[0][0], rel=1e-4)
+    keys = [k for k in a if a[k].is_floating_point()]
+    diff = torch.cat([(b[k].float() - a[k].float()).abs().flatten() for k in keys])
+    ref = torch.cat([a[k].float().abs().flatten() for k in keys])
+    off = (diff > 1e-5 + 1e-4 * ref).float().mean().item()
+    lr = cfg.optim.lr
+    assert off <= 0.2 and diff.max().item() <= 2 * lr * 2 + 1e-5, (off, diff.max().item())
