@@ -241,7 +241,7 @@ def test_launcher_reports_a_finished_run_and_rejects_bad_input(tiny_run, tmp_pat
     assert "stopped at step 0 on request" in capsys.readouterr().err
     stop.unlink()
     assert launch.main([str(job), "--set", "run.name=stopped"]) == 0
-    assert json.loads((cfg.run.dir.parent / "stopped" / "manifest.json").read_text())["starts"][-1]["resume_step"] == 2
+    assert json.loads((cfg.run.dir.parent / "stopped" / "manifest.json").read_text())["starts"][-1]["resume_step"] == 0
     nan_at(P.SimCLRTask, 1)
     assert launch.main([str(job), "--set", "run.name=other"]) == 3
     assert "non-finite loss at step 1" in capsys.readouterr().err
