@@ -41,7 +41,7 @@ def make_accelerator(device: str = "auto"):
         cpu=not cuda,
         mixed_precision="no",  # autocast is applied explicitly around the forwards that want it
         kwargs_handlers=[
-            InitProcessGroupKwargs(timeout=datetime.timedelta(hours=2)),  # rank-0 evaluation can be long
+            InitProcessGroupKwargs(timeout=datetime.timedelta(hours=2)),  # a checkpoint write or a probe fit can be long
             # rank 0's BN buffers are broadcast at each DDP forward, so every rank attacks the same model
             DistributedDataParallelKwargs(broadcast_buffers=True),
         ],

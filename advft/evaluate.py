@@ -11,32 +11,100 @@ final sets (``eval.final_probe_train_size`` / ``eval.final_test_size`` images, s
 :func:`advft.data.eval_data`) and ``eval.final_attack = "autoattack"`` replaces advft's APGD by AutoAttack's
 standard ensemble (:mod:`advft.autoattack`). Every accuracy comes with its 95 % Wilson interval and its n.
 Optionally the same attack at a second radius (``eps_extra``) on the same images and head.
+
+Every rank evaluates: batch i of a pass goes to rank i mod N (every rank reads the same batches, only its own
+go through the encoder), probe features are gathered in batch order and the counts of correct images summed,
+so N ranks give the numbers of one process. Each batch's attack is seeded from (seed, batch index), not from
+the batches before it. ``check`` is called before each round of N batches (all ranks call it equally often):
+the engine's stop poll, which raises to abandon the evaluation when a stop was requested.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from advft.attacks import robust_correct
 from advft.distributed import autocast
+from advft.engine.seeding import EVAL_STREAM, step_generator
 from advft.report.stats import wilson
 
 # a fresh pass over the batches; advft.data.eval_data's also take final=True (the final evaluation's sets)
 Batches = Callable[..., Iterable[tuple[Tensor, Tensor]]]
+Check = Callable[[], None]
+EXTRA_STREAM = EVAL_STREAM + 1  # the attack at eps_extra
+
+
+def _world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _rounds(batches: Iterable[tuple[Tensor, Tensor]], check: Check | None) -> Iterator[list[tuple[int, Tensor, Tensor]]]:
+    """Rounds of N consecutive batches (i, x, y), N = world size; ``check`` before each round."""
+    _, world = _world()
+    batch_iter = enumerate(batches)
+    while True:
+        if check is not None:
+            check()
+        rnd = [(i, x, y) for _, (i, (x, y)) in zip(range(world), batch_iter)]
+        if not rnd:
+            return
+        yield rnd
 
 
 @torch.no_grad()
 def extract_features(encoder: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], device: torch.device,
-                     precision: str = "fp32") -> tuple[Tensor, Tensor]:
-    """Features (N, D) in fp32 and labels (N,), on ``device``; the encoder must already be in eval mode."""
-    feats, labels = [], []
-    for x, y in batches:
-        with autocast(device, precision):
-            feats.append(encoder(x.to(device)).float())
-        labels.append(y.to(device))
-    return torch.cat(feats), torch.cat(labels)
+                     precision: str = "fp32", check: Check | None = None) -> tuple[Tensor, Tensor]:
+    """Features (N, D) in fp32 and labels (N,), on ``device``, in batch order, on every rank; each rank runs
+    the encoder on its share of the batches (the encoder must already be in eval mode)."""
+    rank, world = _world()
+    mine, sizes, labels = [], [], []
+    for rnd in _rounds(batches, check):
+        for i, x, y in rnd:
+            sizes.append((i % world, int(y.shape[0])))
+            labels.append(y.to(device))
+            if i % world == rank:
+                with autocast(device, precision):
+                    mine.append(encoder(x.to(device)).float())
+    y_all = torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device)
+    if world == 1:
+        return (torch.cat(mine) if mine else torch.zeros(0, 0, device=device)), y_all
+    return _gather_in_order(mine, sizes, device), y_all
+
+
+def _gather_in_order(mine: list[Tensor], sizes: list[tuple[int, int]], device: torch.device) -> Tensor:
+    """All ranks' feature rows back in batch order (batch i from rank i mod N), on every rank."""
+    import torch.distributed as dist
+
+    _, world = _world()
+    dim = torch.tensor([mine[0].shape[1] if mine else 0], device=device)
+    dist.all_reduce(dim, op=dist.ReduceOp.MAX)  # a rank without batches still needs the width
+    rows = [sum(n for r, n in sizes if r == k) for k in range(world)]
+    local = torch.cat(mine) if mine else torch.zeros(0, int(dim), device=device)
+    padded = torch.zeros(max(rows), int(dim), device=device)
+    padded[:local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    offset, out = [0] * world, []
+    for r, n in sizes:
+        out.append(parts[r][offset[r]:offset[r] + n])
+        offset[r] += n
+    return torch.cat(out)
+
+
+def broadcast_head(head: nn.Linear) -> nn.Linear:
+    """Rank 0's probe on every rank: ranks on different hardware could fit slightly different probes."""
+    import torch.distributed as dist
+
+    if _world()[1] > 1:
+        for t in (head.weight, head.bias):
+            dist.broadcast(t.data, src=0)
+    return head
 
 
 def fit_probe(feats: Tensor, labels: Tensor, n_classes: int, epochs: int = 100, lr: float = 0.1,
@@ -72,7 +140,7 @@ def _with_interval(out: dict[str, Any], key: str, correct: int, n: int) -> None:
 def evaluate(encoder: nn.Module, probe_data: Batches, test_data: Batches, *, cfg: Any,
              device: torch.device, n_iter: int, n_targets: int = 0, head: nn.Module | None = None,
              seed: int = 0, precision: str | None = None, final: bool = False,
-             eps_extra: float = 0.0) -> dict[str, Any]:
+             eps_extra: float = 0.0, check: Check | None = None) -> dict[str, Any]:
     """Clean and robust accuracy (in %, on the test subset) of a probe (or the fixed ``head``) on ``encoder``,
     each with ``<key>_ci95`` (95 % Wilson interval, in %) and ``n_test``; ``ci`` names the method.
 
@@ -80,6 +148,7 @@ def evaluate(encoder: nn.Module, probe_data: Batches, test_data: Batches, *, cfg
     precision unless ``precision`` gives the run's resolved one (:func:`advft.distributed.resolve_precision`).
     ``final``: the strong evaluation (the final sets and ``eval.final_attack``; see the module docstring).
     ``eps_extra`` > 0 (1/255 units) adds ``robust_acc_eps_extra``: robust accuracy at that radius too.
+    Call it on every rank (see the module docstring); every rank returns the same result.
     """
     encoder.eval()
     precision = precision or cfg.run.precision
@@ -87,9 +156,9 @@ def evaluate(encoder: nn.Module, probe_data: Batches, test_data: Batches, *, cfg
     autoattack = final and getattr(cfg.eval, "final_attack", "apgd") == "autoattack"
     out: dict[str, Any] = {}
     if head is None:
-        f, y = extract_features(encoder, probe_data(**sets), device, precision)
+        f, y = extract_features(encoder, probe_data(**sets), device, precision, check)
         # classes = largest label + 1 of the probe set (no dataset metadata needed for ffcv/dali files)
-        head = fit_probe(f, y, int(y.max()) + 1, epochs=cfg.eval.probe_epochs)
+        head = broadcast_head(fit_probe(f, y, int(y.max()) + 1, epochs=cfg.eval.probe_epochs))
         _with_interval(out, "probe_train_acc", int((head(f).argmax(1) == y).sum()), int(y.numel()))
         out["probe_n"] = int(y.numel())
 
@@ -97,37 +166,46 @@ def evaluate(encoder: nn.Module, probe_data: Batches, test_data: Batches, *, cfg
         with autocast(device, precision):
             return head(encoder(x)).float()
 
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed + 12345)
-    # its own random stream, so that adding the second radius leaves the first one's numbers unchanged
-    gen_extra = torch.Generator(device=device)
-    gen_extra.manual_seed(seed + 54321)
-    n = clean = robust = robust_extra = 0
-    for x, y in test_data(**sets):
-        x, y = x.to(device), y.to(device)
-        with torch.no_grad():
-            clean += int((logits(x).argmax(1) == y).sum())
-        with torch.enable_grad():
-            if autoattack:
-                from advft.autoattack import autoattack_correct
+    rank, world = _world()
+    counts = torch.zeros(4, dtype=torch.long, device=device)  # images, clean, robust, robust at eps_extra
+    for rnd in _rounds(test_data(**sets), check):
+        for i, x, y in rnd:
+            if i % world != rank:
+                continue
+            x, y = x.to(device), y.to(device)
+            with torch.no_grad():
+                counts[1] += (logits(x).argmax(1) == y).sum()
+            # per batch, so that a batch's attack does not depend on which rank ran the batches before it;
+            # the second radius has its own stream, so adding it leaves the first one's numbers unchanged
+            gen = step_generator(seed, i, device, stream=EVAL_STREAM)
+            gen_extra = step_generator(seed, i, device, stream=EXTRA_STREAM)
+            with torch.enable_grad():
+                if autoattack:
+                    from advft.autoattack import autoattack_correct
 
-                correct = autoattack_correct(logits, x, y, eps=cfg.attack.eps_pixels, seed=seed + 12345)
-                if eps_extra > 0:
-                    robust_extra += int(autoattack_correct(logits, x, y, eps=eps_extra / 255.0,
-                                                           seed=seed + 54321).sum())
-            else:
-                correct = robust_correct(logits, x, y, eps=cfg.attack.eps_pixels, n_iter=n_iter,
-                                         n_targets=n_targets, generator=gen)
-                if eps_extra > 0:
-                    robust_extra += int(robust_correct(logits, x, y, eps=eps_extra / 255.0, n_iter=n_iter,
-                                                       n_targets=n_targets, generator=gen_extra).sum())
-            robust += int(correct.sum())
-        n += int(y.numel())
+                    correct = autoattack_correct(logits, x, y, eps=cfg.attack.eps_pixels, seed=gen.initial_seed())
+                    if eps_extra > 0:
+                        counts[3] += autoattack_correct(logits, x, y, eps=eps_extra / 255.0,
+                                                        seed=gen_extra.initial_seed()).sum()
+                else:
+                    correct = robust_correct(logits, x, y, eps=cfg.attack.eps_pixels, n_iter=n_iter,
+                                             n_targets=n_targets, generator=gen)
+                    if eps_extra > 0:
+                        counts[3] += robust_correct(logits, x, y, eps=eps_extra / 255.0, n_iter=n_iter,
+                                                    n_targets=n_targets, generator=gen_extra).sum()
+                counts[2] += correct.sum()
+            counts[0] += y.numel()
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(counts)
+    n, clean, robust, robust_extra = (int(c) for c in counts)
     _with_interval(out, "clean_acc", clean, n)
     _with_interval(out, "robust_acc", robust, n)
     attack = "autoattack-standard" if autoattack else (
         f"apgd-ce{n_iter}" + (f"+apgd-t{n_iter}x{n_targets}" if n_targets else ""))
-    out.update({"n_test": n, "ci": "wilson", "attack": attack, "eps": cfg.attack.eps})
+    out.update({"n_test": n, "n_clean_correct": clean, "n_robust_correct": robust, "ci": "wilson",
+                "attack": attack, "eps": cfg.attack.eps, "precision": precision})
     if eps_extra > 0:
         out["eps_extra"] = float(eps_extra)
         _with_interval(out, "robust_acc_eps_extra", robust_extra, n)

@@ -1,7 +1,7 @@
 """Stop requests for a running engine run (fine-tuning or pretraining): signals and a file that only raise a flag.
 
-The engine polls the flag at log steps (``advft.engine.run(should_stop=...)``), so a run stops at a step boundary
-on which all ranks agree, after a checkpoint, and never in the middle of a step or a collective.
+The engine polls the flag at log steps, at start-up and between evaluation chunks (``advft.engine.stop``), so a run
+stops at a step boundary on which all ranks agree, after a checkpoint, and never in the middle of a step or a collective.
 """
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from types import FrameType
 
 class StopFlag:
     """Callable flag: True once one of the installed signals arrived or the stop file exists."""
+
+    anywhere = True  # a plain read: the engine may poll it at start-up and inside evaluations too
 
     def __init__(self, stop_file: str | os.PathLike | None = None) -> None:
         self.received: list[int] = []

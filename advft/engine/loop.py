@@ -21,9 +21,10 @@ from torch import Tensor
 from advft import checkpoint as ckpt
 from advft.distributed import make_accelerator, precision_label, run_precision
 from advft.engine.record import MetricsLog, finish_wandb, start_wandb, update_manifest
-from advft.engine.errors import Interrupted, NonFiniteLossError, any_rank
+from advft.engine.errors import Interrupted, NonFiniteLossError
 from advft.engine.progress import Progress, eval_line
 from advft.engine.rundir import RunDir
+from advft.engine.stop import StopPoll, StopRequested
 
 log = logging.getLogger(__name__)
 
@@ -76,9 +77,11 @@ class Task:
         """After resume: compile, wrap for DDP, build the evaluation data."""
         raise NotImplementedError
 
-    def evaluate(self, step: int, final: bool) -> list[tuple[str, dict[str, Any]]]:
-        """(kind, result) records of the evaluations at ``step`` (rank 0 only); ``final`` at step 0 and at the end.
-        The last record's result is what results.json keeps as initial / final."""
+    def evaluate(self, step: int, final: bool, check: Callable[[], None]) -> list[tuple[str, dict[str, Any]]]:
+        """(kind, result) records of the evaluations at ``step``, on every rank (split the work over ranks; all
+        return the same records); ``final`` at step 0 and at the end. The last record's result is what
+        results.json keeps as initial / final. Call ``check()`` between chunks of work (the same number of
+        times on every rank): it raises when a stop was requested, abandoning the evaluation."""
         raise NotImplementedError
 
     def step(self, x: Tensor, y: Tensor, step: int) -> dict[str, Tensor]:
@@ -93,8 +96,10 @@ class Task:
 def run(task: Task, *, should_stop: Callable[[], bool] | None = None, accelerator: Any = None) -> dict[str, Any]:
     """Run ``task`` to its last step in its run folder; returns results.json's dict.
 
-    ``should_stop`` is polled at log steps; when any rank says True all ranks checkpoint at the same step
-    boundary and :class:`Interrupted` is raised (rerunning resumes from that checkpoint). A non-finite loss
+    ``should_stop`` is polled at log steps, and at start-up and between evaluation chunks when it is a flag
+    (:class:`advft.engine.stop.StopPoll`); when any rank says True all ranks checkpoint at the same step
+    boundary (an evaluation in progress is abandoned, and repeated on resume) and :class:`Interrupted` is
+    raised (rerunning resumes from that checkpoint). A non-finite loss
     marks results.json failed and raises :class:`NonFiniteLossError`; the last good checkpoint stays.
     """
     from advft.data import build_train_loader
@@ -130,15 +135,21 @@ def run(task: Task, *, should_stop: Callable[[], bool] | None = None, accelerato
     if is_main:
         metrics.wandb_run = start_wandb(rd, task.wandb_group, task.name, cfg.to_dict(), cfg.run.wandb)
     task.prepare(acc)
-    loop = _Loop(task, acc, rd, metrics, should_stop)
-    if start == 0 and "initial" not in results:
-        r0 = loop.evaluate(0, final=True)
-        if is_main:
-            results = {"status": "running", "initial": r0}
-            rd.write_results(results)
-    loader = build_train_loader(cfg, rank=rank, world_size=world, start_step=start, device=device)
+    loop = _Loop(task, acc, rd, metrics, StopPoll(should_stop, device))
     try:
+        if loop.stop("start"):  # a signal during start-up: nothing new to save
+            raise Interrupted(start)
+        if start == 0 and "initial" not in results:
+            r0 = loop.evaluate(0, final=True)
+            if is_main:
+                results = {"status": "running", "initial": r0}
+                rd.write_results(results)
+        elif found is not None and found[1].get("eval_pending"):  # abandoned at `start` before the requeue
+            loop.evaluate(start, final=False)
+            loop.save(start)  # no longer pending: a second requeue must not log it twice
+        loader = build_train_loader(cfg, rank=rank, world_size=world, start_step=start, device=device)
         loop.train(loader, start)
+        final = loop.evaluate(steps, final=True)
     except NonFiniteLossError as e:
         if is_main:  # the sweep reads this to mark the run failed; a rerun resumes from the last good checkpoint
             results.update({"status": "failed", "error": str(e), "failed_step": e.step})
@@ -148,7 +159,6 @@ def run(task: Task, *, should_stop: Callable[[], bool] | None = None, accelerato
     except BaseException:  # a stop request or a crash: end the wandb run too, so a resume can start it again
         metrics.close()
         raise
-    final = loop.evaluate(steps, final=True)
     extra = task.finish(rd, final, is_main)
     if is_main:
         results.update({"status": "finished", "final": final, "steps": steps, "config_hash": cfg.hash(), **extra})
@@ -165,35 +175,55 @@ class _Loop:
     """The step loop of one run: cadence of logs, evaluations, checkpoints and stop polls."""
 
     def __init__(self, task: Task, acc: Any, rd: RunDir, metrics: MetricsLog,
-                 should_stop: Callable[[], bool] | None) -> None:
-        self.task, self.acc, self.rd, self.metrics, self.should_stop = task, acc, rd, metrics, should_stop
+                 stop: StopPoll) -> None:
+        self.task, self.acc, self.rd, self.metrics, self.stop = task, acc, rd, metrics, stop
         self.run = task.cfg.run
         self.device = acc.device
         self.bad = torch.zeros((), dtype=torch.bool, device=self.device)  # device-side: no sync per step
         self.first_bad = torch.full((), -1, dtype=torch.long, device=self.device)
 
     def evaluate(self, step: int, final: bool) -> dict[str, Any] | None:
-        """Rank 0 evaluates and logs; the others wait. Returns the last record's result (None off rank 0)."""
-        res = None
-        if self.acc.is_main_process:
-            for kind, res in self.task.evaluate(step, final):
-                self.metrics.log({"step": step, "kind": kind, **res})
-                if self.run.progress:
-                    log.info(eval_line(f"{self.task.name} {self.run.name}", step, kind, res))
+        """Every rank evaluates, rank 0 logs. Returns the last record's result. A stop request abandons the
+        evaluation (nothing of it is logged): at step 0 and at the end nothing needs saving (the run resumes
+        before it), mid-run the checkpoint of ``step`` is written marked ``eval_pending`` for the resume."""
+        chunks, t0 = [0], time.perf_counter()
+
+        def check() -> None:
+            chunks[0] += 1
+            self.stop.check()
+
+        try:
+            records = self.task.evaluate(step, final, check)
+        except StopRequested:
+            if 0 < step < self.task.cfg.optim.steps:
+                self.save(step, eval_pending=True)
+            raise Interrupted(step) from None
+        took = time.perf_counter() - t0
+        # what slurm/README.md sizes the requeue signal's lead time from (the longest chunk between two polls)
+        log.info("evaluation at step %d: %.1f s in %d chunks (about %.1f s each)", step, took, chunks[0],
+                 took / max(chunks[0], 1))
+        for kind, res in records:
+            self.metrics.log({"step": step, "kind": kind, **res})
+            if self.acc.is_main_process and self.run.progress:
+                log.info(eval_line(f"{self.task.name} {self.run.name}", step, kind, res))
         self.acc.wait_for_everyone()
-        return res
+        return records[-1][1] if records else None
 
     def check_finite(self) -> None:
         if bool(self.bad):  # host sync, only at log/checkpoint steps
             raise NonFiniteLossError(int(self.first_bad), self.last_saved)
 
-    def save(self, step: int) -> None:
+    def save(self, step: int, eval_pending: bool = False) -> None:
         self.check_finite()  # never checkpoint weights that saw a non-finite loss
+        t0 = time.perf_counter()
         if self.acc.is_main_process:
-            state = {**self.task.state(), "step": step, "rng": ckpt.rng_state(), "config": self.task.cfg.to_dict()}
+            state = {**self.task.state(), "step": step, "rng": ckpt.rng_state(), "config": self.task.cfg.to_dict(),
+                     "eval_pending": eval_pending}
             ckpt.save(self.rd.path, step, state, keep_last=self.run.keep_last)
         self.acc.wait_for_everyone()
         self.last_saved = step
+        if self.acc.is_main_process:  # slurm/README.md sizes the requeue signal's lead time from this line
+            log.info("checkpoint of step %d written in %.1f s", step, time.perf_counter() - t0)
 
     def train(self, loader: Any, start: int) -> None:
         cfg, run, task, acc = self.task.cfg, self.run, self.task, self.acc
@@ -233,8 +263,8 @@ class _Loop:
                     t_last = time.perf_counter()  # img_per_s measures training, not evaluation
                 if done % run.ckpt_every == 0 and done != steps:
                     self.save(done)
-                if (self.should_stop is not None and done % run.log_every == 0 and done != steps
-                        and any_rank(self.should_stop(), self.device)):  # the last step goes on to the final save
+                # the last step goes on to the final save; the final evaluation polls between its chunks
+                if done % run.log_every == 0 and done != steps and self.stop("step"):
                     if done % run.ckpt_every != 0:
                         self.save(done)
                     raise Interrupted(done)

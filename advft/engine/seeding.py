@@ -6,6 +6,7 @@ import torch
 
 ATTACK_STREAM = 0  # fine-tuning's attack start noise
 AUGMENT_STREAM = 1  # pretraining's augmentations
+EVAL_STREAM = 2  # the evaluation attack's start noise, per test batch
 
 
 def step_generator(seed: int, step: int, device: torch.device, stream: int = 0) -> torch.Generator:

@@ -60,7 +60,7 @@ class StepModels:
 
     phi:      the plain trainable encoder (mode switches, saving)
     phi_fn:   phi, compiled or not, NOT DDP-wrapped: the attack's forward (input gradients only)
-    phi_ddp:  what the training forward goes through (DDP over phi_fn, or phi_fn on one process)
+    phi_ddp:  what the training forward goes through (DDP over phi, compiled as a whole when phi_fn is; phi_fn on one process)
     phi_org:  the frozen reference: eval mode, no grad, never wrapped
     head:     optional fixed linear head (attack.objective = "ce_head")
     """

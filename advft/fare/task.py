@@ -39,8 +39,8 @@ def build_optimizer(params, cfg: C.OptimConfig, device: torch.device) -> torch.o
 
 
 class FareTask(Task):
-    """phi_org frozen and never wrapped; phi trainable, compiled then DDP-wrapped; the plain ``phi`` is kept
-    for saving, the attack uses the unwrapped (compiled) callable."""
+    """phi_org frozen and never wrapped; phi trainable: the attack uses phi compiled and unwrapped, the training
+    forward the DDP-wrapped phi, compiled as a whole; the plain ``phi`` is kept for saving."""
 
     name = "finetune"
     progress_keys = ("loss", "adv_loss")
@@ -90,20 +90,26 @@ class FareTask(Task):
             # the same Parameters and state-dict keys: optimiser, checkpoints and plain-BN encoders see no change;
             # in eval mode (attack, evaluation) the layers use running statistics and never synchronise
             self.phi = convert_sync_bn(self.phi, self.device.type)
-        phi_fn: nn.Module = torch.compile(self.phi) if self.cfg.run.compile else self.phi
-        phi_ddp = acc.prepare_model(phi_fn) if acc.num_processes > 1 else phi_fn
+        compile_ = self.cfg.run.compile
+        phi_fn: nn.Module = torch.compile(self.phi) if compile_ else self.phi
+        phi_ddp = phi_fn
+        if acc.num_processes > 1:  # compile the DDP module: DDPOptimizer splits the graph at bucket boundaries
+            ddp = acc.prepare_model(self.phi)  # so the all-reduces overlap the backward (DDP over a compiled
+            phi_ddp = torch.compile(ddp) if compile_ else ddp  # module would all-reduce after the whole backward)
         self.models = StepModels(phi=self.phi, phi_fn=phi_fn, phi_ddp=phi_ddp, phi_org=self.phi_org, head=self.head)
         self.rank, self.world = acc.process_index, acc.num_processes
         self.probe_data, self.test_data = eval_data(self.cfg, self.device)
         self.phi.train(self.spec.bn_train)
 
-    def evaluate(self, step: int, final: bool) -> list[tuple[str, dict[str, Any]]]:
-        out = [("eval", self._eval(strong=False))]
+    def evaluate(self, step: int, final: bool, check: Callable[[], None]) -> list[tuple[str, dict[str, Any]]]:
+        out = [("eval", self._eval(strong=False, check=check))]
         if final:
-            out.append(("eval_final", self._eval(strong=True)))
+            out.append(("eval_final", self._eval(strong=True, check=check)))
         return out
 
-    def _eval(self, strong: bool) -> dict[str, Any]:
+    def _eval(self, strong: bool, check: Callable[[], None]) -> dict[str, Any]:
+        """The strong evaluation (step 0 and the end: results.json's numbers) is a measurement and runs in
+        fp32 on every device; the periodic ones keep the run's precision (a training curve, cheaper)."""
         from advft.evaluate import evaluate
 
         ev = self.cfg.eval
@@ -111,9 +117,10 @@ class FareTask(Task):
         self.phi.eval()
         res = evaluate(self.phi, self.probe_data, self.test_data, cfg=self.cfg, device=self.device,
                        n_iter=ev.final_attack_steps if strong else ev.attack_steps,
-                       n_targets=ev.final_targets if strong else 0, head=self.head, seed=self.cfg.run.seed,
-                       precision=self.spec.precision, final=strong,
-                       eps_extra=ev.final_eps_extra if strong else 0.0)
+                       n_targets=ev.final_targets if strong else 0,
+                       head=self.head if ev.head == "fixed" else None, seed=self.cfg.run.seed,
+                       precision="fp32" if strong else self.spec.precision, final=strong,
+                       eps_extra=ev.final_eps_extra if strong else 0.0, check=check)
         self.phi.train(was_training)
         return res
 

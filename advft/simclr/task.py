@@ -42,15 +42,16 @@ log = logging.getLogger(__name__)
 
 
 def probe_accuracy(encoder: nn.Module, probe_data: Callable, test_data: Callable, *, device: torch.device,
-                   precision: str, epochs: int) -> dict[str, Any]:
-    """Accuracy (%) on the held-out batches of a linear probe fitted on the frozen encoder's features."""
-    from advft.evaluate import extract_features, fit_probe
+                   precision: str, epochs: int, check: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Accuracy (%) on the held-out batches of a linear probe fitted on the frozen encoder's features.
+    Called on every rank: the features are extracted split over ranks (:mod:`advft.evaluate`)."""
+    from advft.evaluate import broadcast_head, extract_features, fit_probe
 
     encoder.eval()
-    f, y = extract_features(encoder, probe_data(), device, precision)
-    ft, yt = extract_features(encoder, test_data(), device, precision)
+    f, y = extract_features(encoder, probe_data(), device, precision, check)
+    ft, yt = extract_features(encoder, test_data(), device, precision, check)
     n_classes = int(torch.cat([y, yt]).max()) + 1
-    head = fit_probe(f, y, n_classes, epochs=epochs)
+    head = broadcast_head(fit_probe(f, y, n_classes, epochs=epochs))
     with torch.no_grad():
         train_acc = 100.0 * (head(f).argmax(1) == y).float().mean().item()
         test_acc = 100.0 * (head(ft).argmax(1) == yt).float().mean().item()
@@ -124,9 +125,9 @@ class SimCLRTask(Task):
         self.probe_data, self.test_data = eval_data(self.cfg, self.device)
         self.net.train()
 
-    def evaluate(self, step: int, final: bool) -> list[tuple[str, dict[str, Any]]]:
+    def evaluate(self, step: int, final: bool, check: Callable[[], None]) -> list[tuple[str, dict[str, Any]]]:
         res = probe_accuracy(self.net.encoder, self.probe_data, self.test_data, device=self.device,
-                             precision=self.precision, epochs=self.cfg.eval.probe_epochs)
+                             precision=self.precision, epochs=self.cfg.eval.probe_epochs, check=check)
         self.net.train()
         return [("eval", res)]
 

@@ -3,8 +3,9 @@
 A test that signals, requeues, preempts or kills a run must not bet that the run is still at work when
 its action lands: machines differ several-fold in speed, and a short run may finish first. With
 ``ADVFT_TEST_HOLD`` in a run's environment (see :func:`environment`), the first ``starts`` processes of
-the run that reach their ``poll``-th stop-request poll (rank 0 only; the other ranks wait for it in the
-all-reduce of the poll) stop there and wait:
+the run that reach their ``poll``-th stop-request poll at site ``at`` (``advft.engine.stop.SITES``: "step",
+the log steps, by default; "start"; "eval", between evaluation chunks; rank 0 only: the other ranks wait for
+it in the all-reduce of the poll) stop there and wait:
 
 - ``"stop"``: until the stop request has come (a signal or the stop file; the run then stops at that
   step boundary);
@@ -33,7 +34,7 @@ SITE = Path(__file__).resolve().parent / "site"
 DEADLINE_S = 600.0  # far beyond any wait a working test has; only a broken one reaches it
 
 
-def environment(folder: Path, *, starts: int = 1, poll: int = 1, until: str | list[str] = "stop",
+def environment(folder: Path, *, starts: int = 1, poll: int = 1, until: str | list[str] = "stop", at: str = "step",
                 deadline_s: float = DEADLINE_S, base: dict[str, str] | None = None) -> dict[str, str]:
     """The variables that arm the hold in every python started with them (merged into ``base``, default
     this process's environment): ADVFT_TEST_HOLD and PYTHONPATH with the sitecustomize folder first."""
@@ -41,9 +42,11 @@ def environment(folder: Path, *, starts: int = 1, poll: int = 1, until: str | li
     for u in until:
         if u not in ("stop", "release") and _signal(u) is None:
             raise ValueError(f"until = {u!r}: 'stop', 'release' or a signal name such as 'USR2'")
+    if at not in ("step", "start", "eval"):
+        raise ValueError(f"at = {at!r}: 'step', 'start' or 'eval'")
     folder.mkdir(parents=True, exist_ok=True)
     base = dict(os.environ if base is None else base)
-    spec = {"dir": str(folder), "starts": starts, "poll": poll, "until": until, "deadline_s": deadline_s}
+    spec = {"dir": str(folder), "starts": starts, "poll": poll, "until": until, "at": at, "deadline_s": deadline_s}
     path = os.pathsep.join(p for p in (str(SITE), base.get("PYTHONPATH", "")) if p)
     return {ENV: json.dumps(spec), "PYTHONPATH": path}
 
@@ -71,6 +74,7 @@ class _Hold:
     def __init__(self, spec: dict[str, Any]) -> None:
         self.dir = Path(spec["dir"])
         self.starts, self.poll, self.until = int(spec["starts"]), int(spec["poll"]), list(spec["until"])
+        self.at = spec.get("at", "step")
         self.deadline_s = float(spec["deadline_s"])
         self.polls = 0
 
@@ -86,8 +90,9 @@ class _Hold:
             return i
         return None
 
-    def __call__(self, flag: Any, poll: Callable[[], bool]) -> bool:
-        """``poll()`` is the flag's own answer; ``flag`` the StopFlag (its ``received`` signals)."""
+    def __call__(self, flag: Any, peek: Callable[[], bool], poll: Callable[[], bool]) -> bool:
+        """``poll()`` is the engine's own poll (an all-reduce), ``peek()`` this rank's flag alone; ``flag`` the
+        StopFlag (its ``received`` signals)."""
         self.polls += 1
         if self.polls != self.poll or os.environ.get("RANK", "0") != "0":
             return poll()
@@ -101,7 +106,7 @@ class _Hold:
         def done() -> bool:
             if sig is not None:
                 return sig in flag.received
-            return poll() or (until == "release" and released.exists())
+            return peek() or (until == "release" and released.exists())
 
         deadline = time.monotonic() + self.deadline_s
         while not done():
@@ -113,12 +118,19 @@ class _Hold:
 
 
 def arm() -> None:
-    """Patch this process's stop flag with the hold of ``$ADVFT_TEST_HOLD`` (called by sitecustomize)."""
-    from launch.stopping import StopFlag
+    """Patch this process's stop polls with the hold of ``$ADVFT_TEST_HOLD`` (called by sitecustomize)."""
+    from advft.engine.stop import StopPoll
 
     hold = _Hold(json.loads(os.environ[ENV]))
-    poll = StopFlag.__call__
-    StopFlag.__call__ = lambda self: hold(self, lambda: poll(self))
+    poll = StopPoll.__call__
+
+    def held(self: StopPoll, site: str) -> bool:
+        flag = self.should_stop
+        if site != hold.at or flag is None or (site != "step" and not self.anywhere):
+            return poll(self, site)
+        return hold(flag, lambda: bool(flag()), lambda: poll(self, site))
+
+    StopPoll.__call__ = held
 
 
 def _signal(name: str) -> int | None:

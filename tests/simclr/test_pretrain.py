@@ -237,10 +237,11 @@ def test_launcher_reports_a_finished_run_and_rejects_bad_input(tiny_run, tmp_pat
     stop = tmp_path / "stop"
     stop.touch()
     assert launch.main([str(job), "--set", "run.name=stopped", "--stop-file", str(stop)]) == 75
-    assert "stopped at step 2 on request" in capsys.readouterr().err
+    # the stop file exists before the run starts: it stops at start-up, before the step-0 evaluation
+    assert "stopped at step 0 on request" in capsys.readouterr().err
     stop.unlink()
     assert launch.main([str(job), "--set", "run.name=stopped"]) == 0
-    assert json.loads((cfg.run.dir.parent / "stopped" / "manifest.json").read_text())["starts"][-1]["resume_step"] == 2
+    assert json.loads((cfg.run.dir.parent / "stopped" / "manifest.json").read_text())["starts"][-1]["resume_step"] == 0
     nan_at(P.SimCLRTask, 1)
     assert launch.main([str(job), "--set", "run.name=other"]) == 3
     assert "non-finite loss at step 1" in capsys.readouterr().err
