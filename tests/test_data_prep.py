@@ -550,6 +550,7 @@ def test_dali_webdataset_shards_split_between_ranks(need_dali, tree: Path, dali_
 def test_ffcv_conversion_bound_to_one_cpu_exits(need_ffcv, tree: Path, tmp_path: Path) -> None:
     """A SLURM task bound to one CPU: numba's default TBB layer never let FFCV's writer exit there, so
     data_prep picks OpenMP's unless the user chose (a hang fails on the generous time-out, not on speed)."""
+    import os
     import subprocess
     import sys
 
