@@ -275,7 +275,7 @@ def test_local_sweep_runs_records_and_reports(local_sweep):
         res = json.loads((d / name / "results.json").read_text())
         assert res["status"] == "finished" and Path(entry["dir"]) == d / name
         assert res["alpha"] == float(entry["grid"]["loss.alpha"])
-    assert "clean % (initial -> final)" in out and out.count("finished") >= 8
+    assert "clean % [95 % CI] (initial -> final)" in out and out.count("finished") >= 8
     assert f"wandb sync {d}/*/wandb/offline-run-*" in out
     # --wait ends with the report of the whole sweep, written into its folder, and says where it is
     assert out.rstrip().splitlines()[-1] == f"report: {d / 'REPORT.md'}"
