@@ -5,21 +5,18 @@ Only this module and ``launch/job.py`` talk to submitit; cluster facts come in a
 """
 from __future__ import annotations
 
-import contextlib
-import os
 import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import submitit
 
 from advft.config import ConfigError
 from launch.profiles import Profile, local_parameters, slurm_parameters
 
-ROOT = Path(__file__).resolve().parent.parent
 KINDS = ("auto", "slurm", "local", "debug")
 
 
@@ -60,16 +57,11 @@ def resolve_kind(cluster: str, submitting: bool = True) -> str:
     return choose_kind(cluster, submitting)[0]
 
 
-def _pythonpath_setup() -> list[str]:
-    # the job unpickles launch.job.FinetuneJob: the repository must be importable wherever it starts
-    return [f"export PYTHONPATH={shlex.quote(str(ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"]
-
-
 def make_executor(kind: str, folder: Path, profile: Profile, name: str = "advft") -> submitit.Executor:
     """An executor whose jobs are time-limited, signalled and requeued as the profile says."""
     if kind == "slurm":
         ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=profile.max_num_timeout)
-        ex.update_parameters(job_name=name, **slurm_parameters(profile, _pythonpath_setup()))
+        ex.update_parameters(job_name=name, **slurm_parameters(profile))
         return ex
     if kind == "local":
         ex = submitit.LocalExecutor(folder=folder, max_num_timeout=profile.max_num_timeout)
@@ -90,39 +82,22 @@ def _after(kind: str, after: list[str]) -> dict[str, Any]:
     return {"dependency": "afterok:" + ":".join(after), "additional_parameters": {"kill-on-invalid-dep": "yes"}}
 
 
-@contextlib.contextmanager
-def _importable(kind: str) -> Iterator[None]:
-    # local jobs inherit this environment (a setup line would put a shell in between)
-    saved = os.environ.get("PYTHONPATH")
-    if kind == "local":
-        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), saved) if p)
-    try:
-        yield
-    finally:
-        if kind == "local":
-            if saved is None:
-                os.environ.pop("PYTHONPATH", None)
-            else:
-                os.environ["PYTHONPATH"] = saved
-
-
 def submit_array(kind: str, folder: Path, profile: Profile, fns: list[Callable[[], Any]],
                  name: str = "advft", after: list[str] | None = None) -> list[Any]:
     """Submit the callables as ONE job array (``executor.batch()``) named ``name``; returns submitit's jobs.
     ``after``: SLURM job ids that must complete successfully first (``--dependency=afterok``)."""
     ex = make_executor(kind, folder, profile, name)
     ex.update_parameters(**_after(kind, after or []))
-    with _importable(kind):
-        with ex.batch():
-            jobs = [ex.submit(fn) for fn in fns]
+    # the job unpickles launch.job's classes with this interpreter, where advft and launch are installed
+    with ex.batch():
+        jobs = [ex.submit(fn) for fn in fns]
     return jobs
 
 
 def submit_job(kind: str, folder: Path, profile: Profile, fn: Callable[[], Any], name: str = "advft") -> Any:
     """Submit one callable as one job (not an array) named ``name``; returns submitit's job."""
     ex = make_executor(kind, folder, profile, name)
-    with _importable(kind):
-        return ex.submit(fn)
+    return ex.submit(fn)
 
 
 def sbatch_script(profile: Profile, folder: Path, n_runs: int | None, name: str = "advft",
@@ -132,7 +107,7 @@ def sbatch_script(profile: Profile, folder: Path, n_runs: int | None, name: str 
     from submitit.slurm.slurm import _make_sbatch_string  # submitit renders; we only show it
 
     command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(str(folder))])
-    params: dict[str, Any] = {"job_name": name, **slurm_parameters(profile, _pythonpath_setup()),
+    params: dict[str, Any] = {"job_name": name, **slurm_parameters(profile),
                               **_after("slurm", after or [])}
     return _make_sbatch_string(command=command, folder=folder, map_count=n_runs, **params)
 
