@@ -107,3 +107,15 @@ def nan_at(monkeypatch):
         monkeypatch.setattr(task_cls, "step", nan_step(task_cls, step))
 
     return arm
+
+
+@pytest.fixture
+def need_ffcv() -> None:
+    """A test that needs FFCV: skipped without it, failed under ADVFT_REQUIRE_EXTRAS=1."""
+    require_extra("ffcv")
+
+
+@pytest.fixture
+def need_dali() -> None:
+    """A test that needs DALI: skipped without it, failed under ADVFT_REQUIRE_EXTRAS=1."""
+    require_extra("dali")

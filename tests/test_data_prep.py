@@ -43,16 +43,6 @@ NUMBA_FINALIZER_NOISE = pytest.mark.filterwarnings(
     "ignore:Exception ignored in. <finalize object:pytest.PytestUnraisableExceptionWarning")
 
 
-@pytest.fixture
-def need_ffcv() -> None:
-    require_extra("ffcv")
-
-
-@pytest.fixture
-def need_dali() -> None:
-    require_extra("dali")
-
-
 # ---------------------------------------------------------------- test data
 
 

@@ -28,20 +28,6 @@ RAW = ["--write-mode", "raw", "--max-res", "0", "--workers", "1"]
 BETON = "train_full_0.50_90_raw.beton"
 
 
-@pytest.fixture
-def need_ffcv() -> None:
-    from conftest import require_extra as require
-
-    require("ffcv")
-
-
-@pytest.fixture
-def need_dali() -> None:
-    from conftest import require_extra as require
-
-    require("dali")
-
-
 def _image(path: Path, seed: int, size: tuple[int, int] = (20, 28)) -> None:
     yy, xx = np.mgrid[0 : size[0], 0 : size[1]]
     a = np.stack([xx * 9 + seed * 17, yy * 11, 0 * xx + 40 * seed], -1) % 256

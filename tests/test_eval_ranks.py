@@ -67,13 +67,13 @@ def test_two_gloo_ranks_evaluate_exactly_what_one_process_does(tiny_cfg, base_en
         torch.set_num_threads(threads)
     mp.spawn(_rank, args=(2, _free_port(), cfg, str(base_encoder), str(tmp_path)), nprocs=2)
     for r in (0, 1):
-        two = torch.load(tmp_path / f"rank{r}.pt", weights_only=False)
+        two = torch.load(tmp_path / f"rank{r}.pt", weights_only=True)
         # the probe sees the same features in the same order, so it is fitted on identical input
         assert torch.equal(two["feats"], one["feats"]) and torch.equal(two["labels"], one["labels"])
         assert two["res"] == one["res"], (r, json.dumps(two["res"]), json.dumps(one["res"]))
     assert one["res"]["n_test"] == sum(TEST_BATCHES) and 0 < one["res"]["n_clean_correct"]
     # each rank ran the encoder on its share only: batches 0 and 2 on rank 0, 1 and 3 on rank 1
-    rows = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False)["rows"] for r in (0, 1)]
+    rows = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True)["rows"] for r in (0, 1)]
     assert one["rows"] == sum(PROBE_BATCHES) and rows == [16 + 16, 16 + 8]
 
 

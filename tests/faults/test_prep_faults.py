@@ -26,20 +26,6 @@ INJECT = str(Path(__file__).with_name("prep_inject.py"))
 RAW = ["--write-mode", "raw", "--max-res", "0"]
 
 
-@pytest.fixture
-def need_ffcv() -> None:
-    from conftest import require_extra as require
-
-    require("ffcv")
-
-
-@pytest.fixture
-def need_dali() -> None:
-    from conftest import require_extra as require
-
-    require("dali")
-
-
 def _source(root: Path, n: int, size: tuple[int, int], noise: bool = False) -> Path:
     rng = np.random.default_rng(0)
     for i in range(n):
