@@ -112,6 +112,20 @@ def test_sweep_table_shows_intervals_and_n(tmp_path: Path) -> None:
     assert "30.0 [27.2, 32.9] (n=1000)" in text
 
 
+def test_sweep_table_names_the_loss_and_shows_unread_weights_as_dashes(tmp_path: Path) -> None:
+    """A loss without alpha (trades) gets its row: the table crashed on cfg['loss']['alpha'] before."""
+    from advft import config as C
+    from launch.sweeper.record import results_table
+
+    runs = []
+    for name in ("fare", "trades"):
+        cfg = C.load(None, [f"loss.name={name}"]).to_dict()
+        runs.append((name, tmp_path / name, cfg))  # no folder: not started
+    rows = {line.split()[0]: line.split() for line in results_table(runs).splitlines()[1:]}
+    assert rows["fare"][1] == "fare" and rows["fare"][2] != "-" and rows["fare"][3] == "-"
+    assert rows["trades"][1:4] == ["trades", "-", "1"]
+
+
 def test_new_eval_keys_at_their_defaults_keep_the_hash_and_change_it_otherwise() -> None:
     """Run folders are named by the config hash: the keys added here must not rename existing runs."""
     base = C.Config()

@@ -120,16 +120,21 @@ def _acc(res: dict[str, Any], when: str, key: str) -> str:
 
 
 def results_table(runs: list[tuple[str, Path, dict[str, Any]]]) -> str:
-    """run, alpha, lr, clean and robust accuracy (%) initial -> final with their 95 % Wilson intervals and n,
-    status: from each results.json."""
+    """run, loss, alpha, beta, lr, clean and robust accuracy (%) initial -> final with their 95 % Wilson
+    intervals and n, status: from each results.json. A weight the run's loss does not read shows as '-'."""
+    def weight(cfg: dict[str, Any], key: str) -> str:
+        v = cfg.get("loss", {}).get(key)
+        return "-" if v is None else f"{v:g}"
+
     rows = []
     for name, run_dir, cfg in runs:
         res = run_results(run_dir)
-        rows.append([name, f"{cfg['loss']['alpha']:g}", f"{cfg['optim']['lr']:g}",
+        rows.append([name, str(cfg.get("loss", {}).get("name", "fare")), weight(cfg, "alpha"), weight(cfg, "beta"),
+                     f"{cfg['optim']['lr']:g}",
                      f"{_acc(res, 'initial', 'clean_acc')} -> {_acc(res, 'final', 'clean_acc')}",
                      f"{_acc(res, 'initial', 'robust_acc')} -> {_acc(res, 'final', 'robust_acc')}",
                      res.get("status", "not started")])
-    return table(["run", "alpha", "lr", "clean % [95 % CI] (initial -> final)",
+    return table(["run", "loss", "alpha", "beta", "lr", "clean % [95 % CI] (initial -> final)",
                   "robust % [95 % CI] (initial -> final)", "status"], rows)
 
 
