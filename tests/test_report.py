@@ -218,8 +218,8 @@ def test_report_renders_with_one_run_missing(sweep_dir: Path, tmp_path: Path) ->
     # per-run status
     assert "**failed**: non-finite loss at step 12" in md
     assert "running (step 20/40)" in md
-    assert f"| `{MISSING}` | 1 | 0.001 | 0 | missing (planned, never started) | - | - |" in md
-    assert ("| `alpha=0,lr=0.0001,seed=0-aaaa0000` | 0 | 0.0001 | 0 | finished | 85.0 [79.4, 89.3] / 2.0 [0.8, 5.0] "
+    assert f"| `{MISSING}` | fare | 1 | 0.001 | 0 | missing (planned, never started) | - | - |" in md
+    assert ("| `alpha=0,lr=0.0001,seed=0-aaaa0000` | fare | 0 | 0.0001 | 0 | finished | 85.0 [79.4, 89.3] / 2.0 [0.8, 5.0] "
             "(n=200) | 70.0 [63.3, 75.9] / 20.0 [15.0, 26.1] (n=200) |") in md
     assert "## How to read this" in md
     # figures: embedded with relative links, every one a real PNG of a sensible size

@@ -1,32 +1,120 @@
-"""Reports of a sweep over losses: a loss without alpha (trades) is reported in its own setting with alpha '-',
-beside FARE runs written before loss.name existed."""
+"""Reports of a sweep over losses: the loss is an axis of its own (a loss x weight x lr table, the trade-off
+coloured by loss, accuracy curves per (loss, weight), per-loss sections and figures); a loss without alpha
+(trades) is reported with alpha '-' beside FARE runs written before loss.name existed.
+
+The fake sweep at lr 1e-4, n = 200 test images per run (Wilson intervals about ±6 points):
+fare alpha 0 (70 / 40) and alpha 1 (80 / 30), cosine alpha 0.1 (75 / 35), trades beta 1 (50 / 10): trades is
+below fare alpha 0 on both accuracies with intervals apart; cosine and fare alpha 0 overlap on both.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from advft import report as R
 from test_report import make_run
+
+LOSSES = {  # name -> (loss, alpha, beta, final clean, final robust)
+    "alpha=0-aaaa0000": ("fare", 0.0, None, 70.0, 40.0),  # config.toml without loss.name: a FARE run
+    "loss=fare,alpha=1-aaaa0001": ("fare", 1.0, None, 80.0, 30.0),
+    "loss=cosine,alpha=0.1-cccc0000": ("cosine", 0.1, None, 75.0, 35.0),
+    "loss=trades-bbbb0000": ("trades", None, 1.0, 50.0, 10.0),
+}
 
 
 def _sweep(tmp_path: Path) -> Path:
     d = tmp_path / "runs" / "losses"
-    make_run(d, "alpha=0.1-aaaa0000", 0.1, 1e-4, 0, "finished", 80.0, 15.0)  # config.toml without loss.name
-    trades = make_run(d, "loss=trades-bbbb0000", 0.1, 1e-4, 0, "finished", 70.0, 33.0)
-    cfg = trades / "config.toml"
-    cfg.write_text(cfg.read_text().replace("[loss]\nalpha = 0.1\n", '[loss]\nname = "trades"\nbeta = 1.0\n'))
-    res = trades / "results.json"
-    res.write_text(res.read_text().replace('"alpha": 0.1', '"loss": "trades", "alpha": null, "beta": 1.0'))
+    for name, (loss, alpha, beta, clean, robust) in LOSSES.items():
+        run = make_run(d, name, 0.1 if alpha is None else alpha, 1e-4, 0, "finished", clean, robust)
+        cfg, res = run / "config.toml", run / "results.json"
+        if name.startswith("loss="):
+            weights = f"alpha = {alpha!r}\n" if alpha is not None else f"beta = {beta!r}\n"
+            cfg.write_text(cfg.read_text().replace("[loss]\nalpha = 0.1\n", f'[loss]\nname = "{loss}"\n{weights}')
+                           .replace(f"[loss]\nalpha = {alpha!r}\n", f'[loss]\nname = "{loss}"\n{weights}'))
+        if alpha is None:
+            res.write_text(res.read_text().replace('"alpha": 0.1', f'"loss": "{loss}", "alpha": null, "beta": {beta}'))
     return d
 
 
-def test_a_loss_without_alpha_is_its_own_setting_not_left_out(tmp_path: Path) -> None:
+def test_points_are_keyed_by_loss_and_weight(tmp_path: Path) -> None:
     points = R.aggregate(R.load_sweep(_sweep(tmp_path)).runs)
-    assert [(p.setting, p.alpha, len(p.runs)) for p in points] == [("loss.name=fare", 0.1, 1),
-                                                                    ("loss.name=trades", None, 1)]
+    assert [(p.setting, p.loss, p.alpha, p.beta, p.name()) for p in points] == [
+        ("", "cosine", 0.1, None, "cosine α=0.1"), ("", "fare", 0.0, None, "fare α=0"),
+        ("", "fare", 1.0, None, "fare α=1"), ("", "trades", None, 1.0, "trades β=1")]
 
 
-def test_report_shows_each_loss_with_its_final_accuracy(tmp_path: Path) -> None:
+def test_report_compares_losses_in_one_table_and_claims_only_what_intervals_support(tmp_path: Path) -> None:
     md = R.write_report(_sweep(tmp_path)).read_text()
-    trades = md.split("### Setting `loss.name=trades`")[1].split("###")[0]
-    assert "| - |" in trades and "33" in trades and "70" in trades
-    assert "### Setting `loss.name=fare`" in md
+    table = md.split("## Losses compared")[1].split("## Results")[0]
+    rows = [ln for ln in table.splitlines() if ln.startswith("| ") and not ln.startswith("| loss")]
+    assert [ln.split(" | ")[:4] for ln in rows] == [["| cosine", "0.1", "-", "0.0001"], ["| fare", "0", "-", "0.0001"],
+                                                    ["| fare", "1", "-", "0.0001"], ["| trades", "-", "1", "0.0001"]]
+    trades = next(ln for ln in rows if ln.startswith("| trades"))
+    assert "-> 50.0 [43.1, 56.9] (n=200)" in trades and "-> 10.0 [6.6, 14.9] (n=200)" in trades
+    found = table.split("**What the numbers support**")[1]
+    # trades is below fare alpha 0 (and the others) on both accuracies with intervals apart on both ...
+    assert "`trades β=1` (50.0 % [43.1, 56.9] clean, 10.0 % [6.6, 14.9] robust) is below `cosine α=0.1`" in found
+    assert "`fare α=0` (70.0 % [63.3, 75.9], 40.0 % [33.5, 46.9])" in found
+    # ... while cosine and fare alpha 0 overlap: neither is said to be below the other
+    assert "`cosine α=0.1` (" not in found.split("is below")[0] and found.count("is below") == 1
+    assert "Final robust accuracy, lr = 0.0001, over 4 (loss, weight) points: lowest `trades β=1`, highest " \
+           "`fare α=0`" in found
+
+
+def test_each_loss_gets_its_own_alpha_x_lr_section(tmp_path: Path) -> None:
+    md = R.write_report(_sweep(tmp_path)).read_text()
+    for loss in ("cosine", "fare", "trades"):
+        assert f"### Loss `{loss}`" in md
+    trades = md.split("### Loss `trades`")[1].split("###")[0]
+    assert "| beta \\ lr | 0.0001 |\n|---|---|\n| 1 | 85.0" in trades and "-> 10.0 [6.6, 14.9]" in trades
+    assert "Robust accuracy, beta = 1, lr = 0.0001: higher at the end" in trades
+    runs = md.split("## Runs")[1]
+    assert "| `loss=trades-bbbb0000` | trades | - |" in runs and "| `alpha=0-aaaa0000` | fare | 0 |" in runs
+
+
+def test_a_one_loss_sweep_keeps_the_alpha_x_lr_layout(tmp_path: Path) -> None:
+    d = tmp_path / "runs" / "one"
+    make_run(d, "alpha=0-aaaa0000", 0.0, 1e-4, 0, "finished", 70.0, 40.0)
+    make_run(d, "alpha=1-aaaa0001", 1.0, 1e-4, 0, "finished", 80.0, 30.0)
+    md = R.write_report(d).read_text()
+    assert "## Losses compared" not in md and "### Loss" not in md and "## Results: alpha x lr\n" in md
+    assert [label for label, *_ in R.tradeoff_series(R.aggregate(R.load_sweep(d).runs))] == ["lr=0.0001"]
+    assert sorted(p.name for p in (d / "figures").iterdir()) == [
+        "accuracy_by_alpha.png", "final_heatmaps.png", "loss_by_alpha.png", "tradeoff.png"]
+
+
+def test_figures_colour_the_tradeoff_by_loss_and_draw_curves_per_loss(tmp_path: Path) -> None:
+    d = _sweep(tmp_path)
+    series = R.tradeoff_series(R.aggregate(R.load_sweep(d).runs))
+    assert [(label, key, [p.name() for p in pts]) for label, key, _, pts in series] == [
+        ("cosine", "cosine", ["cosine α=0.1"]), ("fare", "fare", ["fare α=0", "fare α=1"]),
+        ("trades", "trades", ["trades β=1"])]
+    R.write_report(d)
+    names = sorted(p.name for p in (d / "figures").iterdir())
+    assert "tradeoff.png" in names and "accuracy_by_loss.png" in names
+    for loss in ("cosine", "fare", "trades"):
+        assert {f"{loss}_accuracy_by_alpha.png", f"{loss}_loss_by_alpha.png", f"{loss}_final_heatmaps.png"} <= set(names)
+    assert all((d / "figures" / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names)
+
+
+def test_curves_by_loss_have_one_line_per_loss_and_weight(tmp_path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    points = R.aggregate(R.load_sweep(_sweep(tmp_path)).runs)
+    drawn: list[list[str]] = []
+    orig = plt.Figure.savefig
+
+    def spy(fig, *a, **k):  # the legend labels of the first panel, read where the figure is saved
+        drawn.append([t.get_text() for t in fig.axes[0].get_legend().get_texts()])
+        return orig(fig, *a, **k)
+
+    plt.Figure.savefig = spy
+    try:
+        R.plot_curves(points, tmp_path / "by_loss.png", by="loss", kind="eval", keys=(("clean_acc", "clean"),))
+    finally:
+        plt.Figure.savefig = orig
+    assert drawn == [["cosine α=0.1", "fare α=0", "fare α=1", "trades β=1"]]

@@ -2,7 +2,7 @@
 optionally publish the same panels as a wandb report.
 
     load_sweep(dir)  -> Sweep (runs.py)        every planned or present run, its status and records
-    aggregate(runs)  -> [Point] (stats.py)     seeds of one (setting, alpha, lr) together: mean, 95 % interval, n
+    aggregate(runs)  -> [Point] (stats.py)     seeds of one (setting, loss, alpha, lr) together: mean, 95 % interval, n
     render_markdown / render_figures           REPORT.md's text (markdown.py), the PNGs (figures.py)
     wandb_report / publish_wandb               the wandb mirror (publish.py)
     write_report(dir, out)                     all of the above, offline; returns REPORT.md's path
@@ -24,7 +24,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from advft.report.figures import colour_range, plot_curves, plot_heatmaps, plot_tradeoff, render_figures
+from advft.report.figures import (colour_range, plot_curves, plot_heatmaps, plot_tradeoff, render_figures,
+                                  tradeoff_series)
 from advft.report.markdown import render_markdown
 from advft.report.publish import publish_wandb, wandb_report, wandb_unavailable
 from advft.report.runs import STATUSES, ReportError, Run, Sweep, load_sweep
@@ -35,8 +36,8 @@ FIG_DIR = "figures"
 
 __all__ = ["FIG_DIR", "REPORT_MD", "STATUSES", "Point", "ReportError", "Run", "Stat", "Sweep", "aggregate", "apart",
            "colour_range", "curve", "load_sweep", "plot_curves", "plot_heatmaps", "plot_tradeoff", "publish_wandb",
-           "render_figures", "render_markdown", "stat", "t975", "wandb_report", "wandb_unavailable", "wilson",
-           "write_report"]
+           "render_figures", "render_markdown", "stat", "t975", "tradeoff_series", "wandb_report", "wandb_unavailable",
+           "wilson", "write_report"]
 
 
 def write_report(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:

@@ -1,7 +1,8 @@
 """The report's PNGs (matplotlib, Agg backend, imported only when drawing): the final clean-vs-robust
-trade-off (one point per alpha with its 95 % intervals, one colour per lr), accuracy and training loss vs
-step, one line per alpha (panels per lr) and, when the sweep has several lrs, per lr (panels per alpha),
-and final alpha x lr heatmaps whose colour scale spans the values shown.
+trade-off (one point per alpha with its 95 % intervals, one colour per lr, or per loss when the sweep has
+several), accuracy and training loss vs step, one line per alpha (panels per lr) and, when the sweep has
+several lrs, per lr (panels per alpha), and final alpha x lr heatmaps whose colour scale spans the values
+shown; with several losses, these per loss, plus accuracy vs step with one line per (loss, weight).
 
 Lines are means over seeds with a ±std band; finished points are solid, running ones dashed, failed ones
 dotted and end in a cross; points with nothing to draw are named under the figure. Strong-attack markers
@@ -13,7 +14,7 @@ import textwrap
 from pathlib import Path
 from typing import Any, Sequence
 
-from advft.report.markdown import ACC_KEYS, num
+from advft.report.markdown import ACC_KEYS, num, weight_axis
 from advft.report.runs import Sweep
 from advft.report.stats import Point, Stat, aggregate, curve
 
@@ -47,8 +48,17 @@ def _style(p: Point) -> tuple[str, bool]:
     return ":", True
 
 
+def _line_key(p: Point, by: str) -> Any:
+    """What one line of a curve figure stands for: a value of alpha or lr, or a (loss, weight) point."""
+    return p.name() if by == "loss" else getattr(p, by)
+
+
+def _name(p: Point, by: str) -> str:
+    return p.name() if by == "loss" else f"{by}={num(getattr(p, by))}"
+
+
 def _label(p: Point, by: str) -> str:
-    base = f"{by}={num(p.alpha if by == 'alpha' else p.lr)}"
+    base = _name(p, by)
     n = len([r for r in p.runs if r.status != "missing"])
     extra = p.status_text()
     return base + (f" (n={n})" if n > 1 else "") + (f" [{extra}]" if extra else "")
@@ -56,11 +66,12 @@ def _label(p: Point, by: str) -> str:
 
 def plot_curves(points: Sequence[Point], path: Path, *, by: str, kind: str,
                 keys: Sequence[tuple[str, str]]) -> Path | None:
-    """One panel per (quantity, value of the other axis); one line per value of ``by`` (alpha | lr), mean
-    over seeds with a ±std band. kind 'eval' adds the strong-attack initial/final as hollow markers."""
-    other = "lr" if by == "alpha" else "alpha"
+    """One panel per (quantity, value of the other axis); one line per value of ``by`` (alpha | lr | loss:
+    one line per (loss, weight), panels per lr), mean over seeds with a ±std band. kind 'eval' adds the
+    strong-attack initial/final as hollow markers."""
+    other = "alpha" if by == "lr" else "lr"
     columns = sorted({getattr(p, other) for p in points})
-    lines = sorted({getattr(p, by) for p in points})
+    lines = sorted({_line_key(p, by) for p in points}, key=str) if by == "loss" else sorted({getattr(p, by) for p in points})
     if not columns:
         return None
     plt = _plt()
@@ -82,10 +93,10 @@ def plot_curves(points: Sequence[Point], path: Path, *, by: str, kind: str,
             for p in (p for p in points if getattr(p, other) == cv):
                 runs = [r for r in p.runs if r.status != "missing"]
                 steps, mean, std = curve(runs, kind, key)
-                colour, (linestyle, cross) = colours[getattr(p, by)], _style(p)
+                colour, (linestyle, cross) = colours[_line_key(p, by)], _style(p)
                 if not steps:
                     if row == 0:
-                        not_drawn.append(f"{by}={num(getattr(p, by))}, {other}={num(cv)}: "
+                        not_drawn.append(f"{_name(p, by)}, {other}={num(cv)}: "
                                          f"{p.status_text() or 'no records'}")
                     continue
                 ax.plot(steps, mean, color=colour, linestyle=linestyle, label=_label(p, by))
@@ -122,7 +133,7 @@ def plot_curves(points: Sequence[Point], path: Path, *, by: str, kind: str,
     if kind == "eval":
         notes.append("lines: routine attack; hollow circles: strong attack at step 0 and at the end, bars: 95 % "
                      "interval")
-    else:
+    elif any(p.alpha == 0 for p in points):
         notes.append("runs at alpha = 0 have no clean term, hence no clean-loss line")
     notes.append("solid: finished, dashed: running, dotted + x: failed; band: ±std over seeds")
     if not_drawn:
@@ -144,28 +155,54 @@ def _err(st: Stat) -> list[list[float]]:
     return [[st.mean - st.lo], [st.hi - st.mean]]  # type: ignore[operator]
 
 
+def _weight(p: Point) -> str:
+    """The weight written next to a trade-off marker: α for fare/cosine, β for trades/deacl."""
+    return f"α={num(p.alpha)}" if p.alpha is not None else f"β={num(p.beta)}" if p.beta is not None else p.loss
+
+
+def tradeoff_series(points: Sequence[Point]) -> list[tuple[str, Any, str, list[Point]]]:
+    """The trade-off figure's series: (legend label, colour key, marker, finished points ordered by weight),
+    one per (loss, lr). Coloured by lr (label ``lr=...``) when the points share one loss, else by loss (label
+    the loss name, plus the lr when there are several, each lr its own marker shape)."""
+    done = [p for p in points if p.final("clean_acc") is not None and p.final("robust_acc") is not None]
+    lrs = sorted({p.lr for p in done})
+    by_loss = len({p.loss for p in done}) > 1
+    out = []
+    for loss, lr in sorted({(p.loss, p.lr) for p in done}):
+        line = sorted((p for p in done if p.lr == lr and p.loss == loss),
+                      key=lambda p: p.alpha if p.alpha is not None else p.beta or 0.0)
+        if by_loss:
+            label = loss + (f", lr={num(lr)}" if len(lrs) > 1 else "")
+            out.append((label, loss, "osD^v<>ph"[lrs.index(lr) % 9], line))
+        else:
+            out.append((f"lr={num(lr)}", lr, "o", line))
+    return out
+
+
 def plot_tradeoff(points: Sequence[Point], path: Path) -> Path | None:
-    """Final clean (x) against final robust (y) accuracy, strong attack: one marker per alpha with its 95 %
-    intervals on both axes, one colour per lr, alpha written next to it; step 0 (the base encoder) as a
-    grey star per lr. None when no point has finished."""
-    done = [(p, c, r) for p in points if (c := p.final("clean_acc")) is not None
-            and (r := p.final("robust_acc")) is not None]
-    if not done:
+    """Final clean (x) against final robust (y) accuracy, strong attack: one marker per (loss, weight, lr) with
+    its 95 % intervals on both axes, its weight written next to it, a line through the weights of one loss at
+    one lr (series: :func:`tradeoff_series`). Step 0 (the base encoder, the same for every loss) is a grey
+    star per lr. None when no point has finished."""
+    series = tradeoff_series(points)
+    if not series:
         return None
     plt = _plt()
-    lrs = sorted({p.lr for p, _, _ in done})
-    colours = {lr: plt.get_cmap("tab10")(i % 10) for i, lr in enumerate(lrs)}
-    fig, ax = plt.subplots(figsize=(6.0, 4.8))
-    for lr in lrs:
-        line = sorted(((p, c, r) for p, c, r in done if p.lr == lr), key=lambda t: t[0].alpha)
-        for p, c, r in line:
-            ax.errorbar([c.mean], [r.mean], xerr=_err(c), yerr=_err(r), marker="o", color=colours[lr],
+    keys = list(dict.fromkeys(key for _, key, _, _ in series))
+    colours = {k: plt.get_cmap("tab10")(i % 10) for i, k in enumerate(keys)}
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    for label, key, marker, line in series:
+        c_r = [(p, p.final("clean_acc"), p.final("robust_acc")) for p in line]
+        for p, c, r in c_r:
+            ax.errorbar([c.mean], [r.mean], xerr=_err(c), yerr=_err(r), marker=marker, color=colours[key],
                         capsize=3, linestyle="none")
-            ax.annotate(f"α={num(p.alpha)}", (c.mean, r.mean), textcoords="offset points", xytext=(5, 5), fontsize=8,
-                        color=colours[lr])
-        ax.plot([c.mean for _, c, _ in line], [r.mean for _, _, r in line], color=colours[lr], alpha=0.4,
-                label=f"lr={num(lr)}")
-        base = [(p.initial("clean_acc"), p.initial("robust_acc")) for p, _, _ in line]
+            ax.annotate(_weight(p), (c.mean, r.mean), textcoords="offset points", xytext=(5, 5), fontsize=8,
+                        color=colours[key])
+        ax.plot([c.mean for _, c, _ in c_r], [r.mean for _, _, r in c_r], color=colours[key], alpha=0.4,
+                marker=marker, label=label)
+    for lr in sorted({p.lr for _, _, _, line in series for p in line}):
+        base = [(p.initial("clean_acc"), p.initial("robust_acc")) for _, _, _, line in series for p in line
+                if p.lr == lr]
         base = [(c, r) for c, r in base if c is not None and r is not None]
         if base:
             c0, r0 = base[0]
@@ -194,17 +231,18 @@ def colour_range(values: Sequence[float]) -> tuple[float, float]:
 
 
 def plot_heatmaps(points: Sequence[Point], path: Path) -> Path | None:
-    """Final strong-attack clean and robust accuracy over alpha (rows) x lr (columns), mean and 95 % interval
+    """Final strong-attack clean and robust accuracy over alpha (rows; beta for trades and deacl) x lr (columns), mean and 95 % interval
     over finished seeds, each panel's colour scale fitted to its values; a cell without a finished run shows
     its status instead."""
-    alphas = sorted({p.alpha for p in points})
+    w = weight_axis(points)  # alpha, or beta for a loss without alpha
+    alphas = sorted({getattr(p, w) for p in points}, key=lambda v: -1.0 if v is None else v)
     lrs = sorted({p.lr for p in points})
     if not alphas:
         return None
     plt = _plt()
     import numpy as np
 
-    at = {(p.alpha, p.lr): p for p in points}
+    at = {(getattr(p, w), p.lr): p for p in points}
     width, height = max(4.0, 1.7 * len(lrs) + 1.8), max(3.0, 0.9 * len(alphas) + 1.8)
     fig, axes = plt.subplots(1, len(ACC_KEYS), figsize=(width * len(ACC_KEYS), height), squeeze=False)
     for ax, (key, label) in zip(axes[0], ACC_KEYS):
@@ -236,7 +274,7 @@ def plot_heatmaps(points: Sequence[Point], path: Path) -> Path | None:
         ax.set_xticks(range(len(lrs)), [num(v) for v in lrs])
         ax.set_yticks(range(len(alphas)), [num(v) for v in alphas])
         ax.set_xlabel("lr")
-        ax.set_ylabel("alpha")
+        ax.set_ylabel(w)
         ax.set_title(f"final {label}", fontsize=10)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     _margins(fig, bottom=0.6, right=0.5, wspace=0.3)
@@ -251,16 +289,24 @@ def _slug(setting: str) -> str:
 
 
 def render_figures(sweep: Sweep, fig_dir: Path) -> list[Path]:
-    """All PNGs of the report, per setting: the clean-vs-robust trade-off, accuracy and loss vs step by alpha
-    (and by lr when there are several lrs), final heatmaps."""
+    """All PNGs of the report, per setting: the clean-vs-robust trade-off (every loss in one figure) and,
+    with several losses, accuracy vs step by (loss, weight); per setting and loss: accuracy and loss vs step
+    by alpha (and by lr when there are several lrs) and the final heatmaps. The loss curves stay per loss:
+    each loss defines its own terms, so their values are not comparable across losses."""
     points = aggregate(sweep.runs)
+    many = len({p.loss for p in points}) > 1
     out: list[Path] = []
     for setting in sorted({p.setting for p in points}):
         sub = [p for p in points if p.setting == setting]
         pre = f"{_slug(setting)}_" if setting else ""
         out.append(plot_tradeoff(sub, fig_dir / f"{pre}tradeoff.png"))
-        for by in ("alpha", "lr") if len({p.lr for p in sub}) > 1 else ("alpha",):
-            out.append(plot_curves(sub, fig_dir / f"{pre}accuracy_by_{by}.png", by=by, kind="eval", keys=ACC_KEYS))
-            out.append(plot_curves(sub, fig_dir / f"{pre}loss_by_{by}.png", by=by, kind="train", keys=LOSS_KEYS))
-        out.append(plot_heatmaps(sub, fig_dir / f"{pre}final_heatmaps.png"))
+        if many:
+            out.append(plot_curves(sub, fig_dir / f"{pre}accuracy_by_loss.png", by="loss", kind="eval", keys=ACC_KEYS))
+        for loss in sorted({p.loss for p in sub}):
+            one = [p for p in sub if p.loss == loss]
+            lpre = pre + (f"{_slug(loss)}_" if many else "")
+            for by in ("alpha", "lr") if len({p.lr for p in one}) > 1 else ("alpha",):
+                out.append(plot_curves(one, fig_dir / f"{lpre}accuracy_by_{by}.png", by=by, kind="eval", keys=ACC_KEYS))
+                out.append(plot_curves(one, fig_dir / f"{lpre}loss_by_{by}.png", by=by, kind="train", keys=LOSS_KEYS))
+            out.append(plot_heatmaps(one, fig_dir / f"{lpre}final_heatmaps.png"))
     return [p for p in out if p is not None]

@@ -1,5 +1,6 @@
-"""REPORT.md's text: sweep facts, the alpha x lr tables (initial -> final, each with its 95 % interval), what
-the numbers support (a difference is stated only where the intervals do not overlap), runs, figures."""
+"""REPORT.md's text: sweep facts, the losses compared (when the sweep has several), the alpha x lr tables per
+loss (initial -> final, each with its 95 % interval), what the numbers support (a difference is stated only
+where the intervals do not overlap), runs, figures."""
 from __future__ import annotations
 
 import datetime
@@ -9,7 +10,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from advft.report.runs import STATUSES, Run, Sweep, fmt_value
-from advft.report.stats import Point, Stat, aggregate, apart, stat
+from advft.report.stats import Point, Stat, aggregate, apart, reads, stat
 
 ACC_KEYS = (("clean_acc", "clean accuracy (%)"), ("robust_acc", "robust accuracy (%)"))
 
@@ -111,18 +112,25 @@ def _findings(points: Sequence[Point]) -> list[str]:
             i, f = p.initial(key), p.final(key)
             if i is not None and f is not None:
                 name = label.split(" (")[0]
-                out.append(f"- {name[0].upper() + name[1:]}, alpha = {num(p.alpha)}, lr = {num(p.lr)}: "
+                w = "alpha" if p.alpha is not None or p.beta is None else "beta"
+                out.append(f"- {name[0].upper() + name[1:]}, {w} = {num(getattr(p, w))}, lr = {num(p.lr)}: "
                            + _compare("the end", f, "step 0", i))
     return out or ["- No two finished values to compare yet."]
 
 
+def weight_axis(points: Sequence[Point]) -> str:
+    """The rows of a loss's table: alpha, or beta for a loss that reads no alpha (trades, deacl)."""
+    return "alpha" if any(p.alpha is not None for p in points) or not any(p.beta is not None for p in points) else "beta"
+
+
 def _matrix(points: Sequence[Point], key: str) -> list[str]:
-    alphas = sorted({p.alpha for p in points})
+    w = weight_axis(points)
+    weights = sorted({getattr(p, w) for p in points}, key=lambda v: -1.0 if v is None else v)
     lrs = sorted({p.lr for p in points})
-    at = {(p.alpha, p.lr): p for p in points}
-    lines = ["| alpha \\ lr | " + " | ".join(num(lr) for lr in lrs) + " |",
+    at = {(getattr(p, w), p.lr): p for p in points}
+    lines = [f"| {w} \\ lr | " + " | ".join(num(lr) for lr in lrs) + " |",
              "|---|" + "---|" * len(lrs)]
-    for a in alphas:
+    for a in weights:
         lines.append(f"| {num(a)} | " + " | ".join(_cell(at.get((a, lr)), key) for lr in lrs) + " |")
     return lines
 
@@ -150,18 +158,68 @@ def _acc_pair(d: Mapping[str, Any]) -> str:
     return " / ".join(parts) + (f" (n={n})" if n is not None else "")
 
 
+def _loss_findings(points: Sequence[Point]) -> list[str]:
+    """Across losses at one lr: per accuracy, the lowest and highest final point and whether their intervals
+    separate; then every point that another beats on BOTH accuracies with intervals apart on both."""
+    out: list[str] = []
+    for lr in sorted({p.lr for p in points}):
+        line = [p for p in points if p.lr == lr]
+        for key, label in ACC_KEYS:
+            finals = [(f"`{p.name()}`", st) for p in line if (st := p.final(key)) is not None]
+            if len(finals) < 2:
+                continue
+            lo = min(finals, key=lambda t: t[1].mean)
+            hi = max(finals, key=lambda t: t[1].mean)
+            out.append(f"- Final {label.split(' (')[0]}, lr = {num(lr)}, over {len(finals)} (loss, weight) points: "
+                       f"lowest {lo[0]}, highest {hi[0]}, a spread of {hi[1].mean - lo[1].mean:.1f} points; "
+                       + _compare(*lo, *hi))
+        done = [(p, c, r) for p in line if (c := p.final("clean_acc")) is not None
+                and (r := p.final("robust_acc")) is not None]
+        for p, c, r in done:
+            better = [q for q, qc, qr in done if q is not p and apart(qc, c) and apart(qr, r)
+                      and qc.mean > c.mean and qr.mean > r.mean]
+            if better:
+                out.append(f"- lr = {num(lr)}: `{p.name()}` ({_pct(c)} clean, {_pct(r)} robust) is below "
+                           + ", ".join(f"`{q.name()}` ({_pct(q.final('clean_acc'))}, {_pct(q.final('robust_acc'))})"
+                                       for q in better)
+                           + " on both accuracies, the 95 % intervals apart on both.")
+    return out or ["- No two finished points to compare yet."]
+
+
+def _losses_compared(points: Sequence[Point]) -> list[str]:
+    """The loss x alpha x lr table of one setting and what it supports."""
+    out = ["| loss | alpha | beta | lr | runs | clean % initial -> final | robust % initial -> final | status |",
+           "|---|---|---|---|---|---|---|---|"]
+    for p in sorted(points, key=lambda p: (p.lr, p.loss, -1.0 if p.alpha is None else p.alpha)):
+        out.append(f"| {p.loss} | {num(p.alpha)} | {num(p.beta)} | {num(p.lr)} | {len(p.runs)} | "
+                   f"{_cell(p, 'clean_acc')} | {_cell(p, 'robust_acc')} | {p.status_text() or 'finished'} |")
+    return out + ["", "**What the numbers support**", "", *_loss_findings(points), ""]
+
+
 def render_markdown(sweep: Sweep, figures: Sequence[Path] = (), out_dir: Path | None = None) -> str:
     """REPORT.md's text. ``figures`` are linked relative to ``out_dir`` (where REPORT.md is written)."""
     points = aggregate(sweep.runs)
+    losses = sorted({p.loss for p in points})
+    settings = sorted({p.setting for p in points})
+    cells = ("Each cell: accuracy (%) at step 0 -> at the end, `mean [95 % interval]`, with n test images for one "
+             "run or the number of seeds it averages; final values average finished runs only, the others are "
+             "named in the cell. " + INTERVALS)
     out = [f"# Sweep report: {sweep.name}", "", *_facts(sweep), ""]
-    out += ["## Results: alpha x lr", "", _attack_line(points),
-            "Each cell: accuracy (%) at step 0 -> at the end, `mean [95 % interval]`, with n test images for one "
-            "run or the number of seeds it averages; final values average finished runs only, the others are "
-            "named in the cell. " + INTERVALS, ""]
-    for setting in sorted({p.setting for p in points}):
-        sub = [p for p in points if p.setting == setting]
-        if setting:
-            out += [f"### Setting `{setting}`", ""]
+    if len(losses) > 1:
+        out += ["## Losses compared", "", _attack_line(points),
+                "One row per loss and weight (alpha for fare and cosine, beta for trades and deacl; '-' where the "
+                "loss does not read it): the same encoder, attack, data and test images. " + cells, ""]
+        for setting in settings:
+            if setting:
+                out += [f"### Setting `{setting}`", ""]
+            out += _losses_compared([p for p in points if p.setting == setting])
+    out += ["## Results: alpha x lr" + (" per loss" if len(losses) > 1 else ""), "", _attack_line(points), cells, ""]
+    for setting, loss in sorted({(p.setting, p.loss) for p in points}):
+        sub = [p for p in points if p.setting == setting and p.loss == loss]
+        title = [f"loss `{loss}`"] if len(losses) > 1 else []
+        title += [f"setting `{setting}`"] if setting else []
+        if title:
+            out += [f"### {', '.join(title)[0].upper() + ', '.join(title)[1:]}", ""]
         for key, label in ACC_KEYS:
             out += [f"**{label[0].upper() + label[1:]}, initial -> final (strong attack)**", "", *_matrix(sub, key), ""]
         out += ["**What the numbers support**", "", *_findings(sub), ""]
@@ -175,10 +233,11 @@ def render_markdown(sweep: Sweep, figures: Sequence[Path] = (), out_dir: Path | 
             out.append(f"| {num(p.alpha)} | {num(p.lr)} | {len(p.runs)} | {_cell(p, 'clean_acc')} | "
                        f"{_cell(p, 'robust_acc')} | {routine} | {p.status_text() or 'finished'} |")
         out.append("")
-    out += ["## Runs", "", "| run | alpha | lr | seed | status | clean / robust % initial | clean / robust % final |",
-            "|---|---|---|---|---|---|---|"]
+    out += ["## Runs", "", "| run | loss | alpha | lr | seed | status | clean / robust % initial | clean / robust % final |",
+            "|---|---|---|---|---|---|---|---|"]
     for r in sweep.runs:
-        out.append(f"| `{r.name}` | {num(r.alpha) if r.alpha is not None else '?'} | "
+        alpha = num(r.alpha) if r.alpha is not None else "?" if reads(r.loss, "alpha") else "-"
+        out.append(f"| `{r.name}` | {r.loss} | {alpha} | "
                    f"{num(r.lr) if r.lr is not None else '?'} | {r.seed if r.seed is not None else '?'} | "
                    f"{_status_text(r)} | {_acc_pair(r.initial)} | {_acc_pair(r.final)} |")
     out.append("")
@@ -193,8 +252,9 @@ def render_markdown(sweep: Sweep, figures: Sequence[Path] = (), out_dir: Path | 
             "- *initial* is the pretrained encoder (step 0), *final* the fine-tuned one, both under the strong "
             "attack; the curves use the cheaper routine attack, so robust curves sit above the strong-attack "
             "markers (a robust curve far above them suggests the routine attack is too weak to trust alone).",
-            "- alpha weights the clean term: alpha = 0 is pure FARE. \"What the numbers support\" states a "
-            "difference between values only where the intervals allow it, and never why it arises.",
+            "- alpha weights the clean term of fare and cosine (alpha = 0 is pure FARE); beta weights the robust "
+            "term of trades and deacl (advft/losses.py gives each loss's formula and paper). \"What the numbers "
+            "support\" states a difference between values only where the intervals allow it, never why it arises.",
             f"- {INTERVALS} Two values are called different only when their intervals do not overlap (a "
             "conservative rule); the report compares the extreme values of an axis, not every pair.",
             "- *running* means the run's folder does not say it ended: a job killed without a trace looks the "

@@ -52,7 +52,7 @@ def wandb_report(sweep: Sweep, project: str, entity: str) -> Any:
                  wr.ParallelCoordinatesPlotColumn(metric=wr.SummaryMetric("final/robust_acc"))])])
     table = render_markdown(sweep).split("## Figures")[0].split("## How to read this")[0]
     return wr.Report(project=project, entity=entity, title=f"advft sweep {sweep.name}",
-                     description="alpha x lr sweep of FARE fine-tuning (written by launch/report.py)",
+                     description="loss x alpha x lr sweep of adversarial fine-tuning (written by launch/report.py)",
                      blocks=[wr.H1("Accuracy and loss by alpha"), grids[0], wr.H1("The same by lr"), grids[1],
                              wr.H1("The same by loss"), grids[2], wr.H1("Final accuracy"), final,
                              wr.MarkdownBlock(text=table)])

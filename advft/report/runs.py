@@ -21,7 +21,7 @@ from advft.engine.rundir import read_json, read_metrics
 STATUSES = ("finished", "running", "failed", "missing")
 # config keys that never make two runs different experiments (names, places, seeds, logging chrome)
 _NOT_A_SETTING = {"run.name", "run.root", "run.seed", "run.progress", "run.wandb", "run.wandb_artifacts",
-                  "loss.alpha", "optim.lr"}
+                  "loss.name", "loss.alpha", "optim.lr"}  # loss, alpha, lr: the report's own axes
 _RUN_FILES = ("config.toml", "metrics.jsonl", "results.json")
 
 
@@ -49,6 +49,7 @@ class Run:
     error: str
     manifest: Mapping[str, Any]
     config: Mapping[str, Any]  # flattened dotted keys ({} when unknown)
+    loss: str = "fare"  # loss.name (runs from before it was a choice are FARE runs)
 
 
 @dataclass(frozen=True)
@@ -137,11 +138,12 @@ def _load_run(name: str, run_dir: Path, planned: Mapping[str, Any] | None) -> Ru
     unfinite = sorted(k for k, v in final.items() if isinstance(v, float) and not math.isfinite(v))
     if status == "finished" and unfinite:  # NaN accuracies are no result: the run failed, whatever it says
         status, error = "failed", f"final {', '.join(unfinite)} not finite ({run_dir / 'results.json'})"
+    loss = config.get("loss.name", results.get("loss"))
     alpha = config.get("loss.alpha", results.get("alpha"))
     lr = config.get("optim.lr", results.get("lr"))
     seed = config.get("run.seed")
     steps = config.get("optim.steps")
-    return Run(name=name, dir=run_dir, status=status,
+    return Run(name=name, dir=run_dir, status=status, loss=str(loss or "fare"),
                alpha=float(alpha) if isinstance(alpha, (int, float)) else None,
                lr=float(lr) if isinstance(lr, (int, float)) else None,
                seed=int(seed) if isinstance(seed, (int, float)) else None, setting="",
@@ -163,7 +165,7 @@ def fmt_value(v: Any) -> str:
 
 
 def _with_settings(runs: list[Run], grid_keys: Iterable[str]) -> list[Run]:
-    """Name, per run, the config values that vary across the sweep besides alpha, lr and seed: runs that
+    """Name, per run, the config values that vary across the sweep besides loss, alpha, lr and seed: runs that
     differ in them are different experiments and are never averaged together. Only the configs of runs
     that started are compared (a missing run's config is re-derived and may reflect a since-edited job
     file), plus the sweep's own grid axes."""
@@ -209,7 +211,7 @@ def load_sweep(sweep_dir: str | os.PathLike) -> Sweep:
         runs.append(_load_run(name, d / name, plan))
     grid = record.get("grid") if isinstance(record.get("grid"), dict) else {}
     runs = _with_settings(runs, grid)
-    runs.sort(key=lambda r: (r.setting, _key(r.alpha), _key(r.lr), r.seed if r.seed is not None else -1, r.name))
+    runs.sort(key=lambda r: (r.setting, r.loss, _key(r.alpha), _key(r.lr), r.seed if r.seed is not None else -1, r.name))
     return Sweep(name=str(record.get("name") or d.resolve().name), dir=d, record=record, runs=tuple(runs))
 
 

@@ -110,12 +110,24 @@ def apart(a: Stat, b: Stat) -> bool:
 
 @dataclass(frozen=True)
 class Point:
-    """One (setting, alpha, lr) of the grid with its runs (seeds)."""
+    """One (setting, loss, alpha, lr) of the grid with its runs (seeds)."""
 
     setting: str
+    loss: str
     alpha: float | None  # None for a loss that reads no alpha
     lr: float
     runs: tuple[Run, ...]
+
+    @property
+    def beta(self) -> float | None:
+        """The loss's beta when it reads one (every run of a point has the same, or the setting names it)."""
+        b = next((r.config.get("loss.beta") for r in self.runs if r.config.get("loss.beta") is not None), None)
+        return float(b) if isinstance(b, (int, float)) and reads(self.loss, "beta") else None
+
+    def name(self) -> str:
+        """The loss with the weights it reads: ``fare α=0.1``, ``trades β=1``."""
+        parts = [self.loss] + [f"{sym}={v:g}" for sym, v in (("α", self.alpha), ("β", self.beta)) if v is not None]
+        return " ".join(parts)
 
     def counts(self) -> dict[str, int]:
         return {s: sum(r.status == s for r in self.runs) for s in STATUSES if any(r.status == s for r in self.runs)}
@@ -151,22 +163,23 @@ def _n_test(record: Mapping[str, Any]) -> int | None:
     return int(n) if isinstance(n, (int, float)) and not isinstance(n, bool) and n >= 1 else None
 
 
-def _reads_alpha(r: Run) -> bool:
-    """Whether the run's loss has an alpha (runs from before loss.name are FARE runs)."""
+def reads(loss: str, weight: str) -> bool:
+    """Whether ``loss`` reads ``weight`` (alpha | beta); an unknown loss (a newer version's) is assumed to."""
     from advft.losses import LOSSES  # lazily: the registry imports torch
 
-    spec = LOSSES.get(str(r.config.get("loss.name", "fare")))
-    return spec is None or "alpha" in spec.weights
+    spec = LOSSES.get(loss)
+    return spec is None or weight in spec.weights
 
 
 def aggregate(runs: Iterable[Run]) -> list[Point]:
-    """Group runs by (setting, alpha, lr): the seeds of one experiment. Runs without lr, or without alpha when
-    their loss reads one, are left out; a loss without alpha (trades) has alpha None, its setting names it."""
-    groups: dict[tuple[str, float | None, float], list[Run]] = {}
+    """Group runs by (setting, loss, alpha, lr): the seeds of one experiment. Runs without lr, or without alpha
+    when their loss reads one, are left out; a loss without alpha (trades) has alpha None."""
+    groups: dict[tuple[str, str, float, float], list[Run]] = {}
     for r in runs:
-        if r.lr is not None and (r.alpha is not None or not _reads_alpha(r)):
-            groups.setdefault((r.setting, r.alpha, r.lr), []).append(r)
-    return [Point(s, a, lr, tuple(rs)) for (s, a, lr), rs in sorted(groups.items())]
+        if r.lr is not None and (r.alpha is not None or not reads(r.loss, "alpha")):
+            groups.setdefault((r.setting, r.loss, -math.inf if r.alpha is None else r.alpha, r.lr), []).append(r)
+    return [Point(s, loss, None if a == -math.inf else a, lr, tuple(rs))
+            for (s, loss, a, lr), rs in sorted(groups.items())]
 
 
 def curve(runs: Sequence[Run], kind: str, key: str) -> tuple[list[int], list[float], list[float | None]]:
