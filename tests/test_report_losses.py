@@ -58,8 +58,8 @@ def test_report_compares_losses_in_one_table_and_claims_only_what_intervals_supp
     assert "`fare α=0` (70.0 % [63.3, 75.9], 40.0 % [33.5, 46.9])" in found
     # ... while cosine and fare alpha 0 overlap: neither is said to be below the other
     assert "`cosine α=0.1` (" not in found.split("is below")[0] and found.count("is below") == 1
-    assert "Final robust accuracy, lr = 0.0001, over 4 (loss, weight) points: lowest `trades β=1`, highest " \
-           "`fare α=0`" in found
+    assert ("Final robust accuracy, lr = 0.0001, over 4 (loss, weight) points: from 10.0 % (`trades β=1`) to 40.0 % "
+            "(`fare α=0`), a spread of 30.0 points. Lowest against highest: higher at `fare α=0`") in found
 
 
 def test_each_loss_gets_its_own_alpha_x_lr_section(tmp_path: Path) -> None:

@@ -89,6 +89,23 @@ def _compare(a_label: str, a: Stat, b_label: str, b: Stat) -> str:
     return f"{values}: the difference is within the 95 % intervals, not resolved by this sweep."
 
 
+def _spread(line: Sequence[Point], where: str, label: Any, what: str, compare: str) -> list[str]:
+    """Per accuracy, the finished points' final values (named by ``label(p)``) from lowest to highest, and a
+    comparison: of the axis' two extreme values (``compare`` = its name) or, when ``compare`` is "", of the
+    lowest and the highest point."""
+    out = []
+    for key, name in ACC_KEYS:
+        finals = [(label(p), st) for p in line if (st := p.final(key)) is not None]
+        if len(finals) < 2:
+            continue
+        lo, hi = min(finals, key=lambda t: t[1].mean), max(finals, key=lambda t: t[1].mean)
+        a, b = (finals[0], finals[-1]) if compare else (lo, hi)
+        out.append(f"- Final {name.split(' (')[0]}, {where}, over {len(finals)} {what}: from {lo[1].mean:.1f} % "
+                   f"({lo[0]}) to {hi[1].mean:.1f} % ({hi[0]}), a spread of {hi[1].mean - lo[1].mean:.1f} points. "
+                   + (f"Extremes of {compare}: " if compare else "Lowest against highest: ") + _compare(*a, *b))
+    return out
+
+
 def _findings(points: Sequence[Point]) -> list[str]:
     """What the final (strong-attack) numbers support, clean and robust separately: along alpha at each lr and
     along lr at each alpha, the spread of the means and a comparison of the axis' two extreme values; per
@@ -97,16 +114,8 @@ def _findings(points: Sequence[Point]) -> list[str]:
     for axis, other in (("alpha", "lr"), ("lr", "alpha")):
         for ov in sorted({getattr(p, other) for p in points}):
             line = sorted((p for p in points if getattr(p, other) == ov), key=lambda p: getattr(p, axis))
-            for key, label in ACC_KEYS:
-                finals = [(f"{axis} = {num(getattr(p, axis))}", st) for p in line if (st := p.final(key)) is not None]
-                if len(finals) < 2:
-                    continue
-                lo = min(finals, key=lambda t: t[1].mean)
-                hi = max(finals, key=lambda t: t[1].mean)
-                out.append(f"- Final {label.split(' (')[0]}, {other} = {num(ov)}, over {len(finals)} values of {axis}: "
-                           f"from {lo[1].mean:.1f} % ({lo[0]}) to {hi[1].mean:.1f} % ({hi[0]}), a spread of "
-                           f"{hi[1].mean - lo[1].mean:.1f} points. Extremes of {axis}: "
-                           + _compare(*finals[0], *finals[-1]))
+            out += _spread(line, f"{other} = {num(ov)}", lambda p: f"{axis} = {num(getattr(p, axis))}",
+                           f"values of {axis}", axis)
     for p in points:
         for key, label in ACC_KEYS:
             i, f = p.initial(key), p.final(key)
@@ -164,15 +173,7 @@ def _loss_findings(points: Sequence[Point]) -> list[str]:
     out: list[str] = []
     for lr in sorted({p.lr for p in points}):
         line = [p for p in points if p.lr == lr]
-        for key, label in ACC_KEYS:
-            finals = [(f"`{p.name()}`", st) for p in line if (st := p.final(key)) is not None]
-            if len(finals) < 2:
-                continue
-            lo = min(finals, key=lambda t: t[1].mean)
-            hi = max(finals, key=lambda t: t[1].mean)
-            out.append(f"- Final {label.split(' (')[0]}, lr = {num(lr)}, over {len(finals)} (loss, weight) points: "
-                       f"lowest {lo[0]}, highest {hi[0]}, a spread of {hi[1].mean - lo[1].mean:.1f} points; "
-                       + _compare(*lo, *hi))
+        out += _spread(line, f"lr = {num(lr)}", lambda p: f"`{p.name()}`", "(loss, weight) points", "")
         done = [(p, c, r) for p in line if (c := p.final("clean_acc")) is not None
                 and (r := p.final("robust_acc")) is not None]
         for p, c, r in done:
