@@ -1,7 +1,8 @@
 """launch/sweep.py and launch/job.py: grids and run names, profiles, bad input, dry run, local sweeps, the
-lock, a grid over the loss crossed with alpha (locally and on SLURM), and requeues that lose no step (a local time limit; on SLURM ``job._interrupt()``, a real time limit
-and a partition preemption). A run that a signal must cut waits for it at a log step (tests/faults/hold.py):
-these tests never bet on a run still being at work when its signal lands.
+lock, a grid of losses crossed with alpha (locally and on SLURM), and requeues that lose no step (a local
+time limit; on SLURM ``job._interrupt()``, a real time limit and a partition preemption). A run that a
+signal must cut waits for it at a log step (tests/faults/hold.py): these tests never bet on a run still
+being at work when its signal lands.
 
 Tests marked ``slurm`` talk to the cluster of ``slurm/local-cluster.sh up``: without one they skip, unless
 ADVFT_REQUIRE_SLURM=1 (CI), where they fail. The tiny job runs with its evaluations cut to the bone: these
@@ -68,11 +69,15 @@ def only_run(sweep_dir: Path) -> tuple[str, dict]:
     return name, entry
 
 
-def train_steps(run_dir: Path) -> list[int]:
+def train_records(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [r["step"] for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "train"]
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "train"]
+
+
+def train_steps(run_dir: Path) -> list[int]:
+    return [r["step"] for r in train_records(run_dir)]
 
 
 def starts(run_dir: Path) -> list[dict]:
@@ -112,7 +117,7 @@ def assert_each_run_trained_its_loss(sweep_dir: Path, report_dir: Path) -> None:
         assert (res["status"], res["loss"], res["alpha"], res["beta"]) == ("finished", loss, alpha, beta), res
         cfg = tomllib.loads((run / "config.toml").read_text())["loss"]
         assert (cfg["name"], cfg.get("alpha"), cfg.get("beta")) == (loss, alpha, beta), cfg
-        logged = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+        logged = train_records(run)
         assert logged, run
         for r in logged:  # the job ran the config's loss, not the default one (metrics are rounded to 1e-6)
             want = (r["adv_loss"] + alpha * r.get("clean_loss", 0.0) if loss == "fare"
