@@ -1,7 +1,8 @@
 """launch/sweep.py and launch/job.py: grids and run names, profiles, bad input, dry run, local sweeps, the
-lock, and requeues that lose no step (a local time limit; on SLURM ``job._interrupt()``, a real time limit
-and a partition preemption). A run that a signal must cut waits for it at a log step (tests/faults/hold.py):
-these tests never bet on a run still being at work when its signal lands.
+lock, a grid of losses crossed with alpha (locally and on SLURM), and requeues that lose no step (a local
+time limit; on SLURM ``job._interrupt()``, a real time limit and a partition preemption). A run that a
+signal must cut waits for it at a log step (tests/faults/hold.py): these tests never bet on a run still
+being at work when its signal lands.
 
 Tests marked ``slurm`` talk to the cluster of ``slurm/local-cluster.sh up``: without one they skip, unless
 ADVFT_REQUIRE_SLURM=1 (CI), where they fail. The tiny job runs with its evaluations cut to the bone: these
@@ -9,11 +10,13 @@ tests are about scheduling and resuming, not accuracy.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -26,6 +29,7 @@ from conftest import TINY_JOB, wait_for
 from faults import hold
 from slurm_util import wait_sacct
 from launch.sweeper import grid as G
+from launch import report as REPORT
 from launch import sweep as S
 from launch.profiles import KEYS, PROFILE_DIR, load_profile
 from launch.sweeper.record import read_sweep, sweep_lock
@@ -36,6 +40,10 @@ LEAN = ["eval.final_targets=0", "eval.probe_epochs=5", "eval.final_attack_steps=
         "eval.probe_train_size=64", "eval.test_size=32", "eval.every=0"]
 # the run the interruption tests cut: log every 2 steps, periodic checkpoints every 8
 LONG = ["optim.steps=40", "run.ckpt_every=8"]
+# the loss comparison of issue 15, as small as it gets: fare once per alpha, trades (reads beta) once
+LOSS_GRID = ["--grid", "loss.name=fare,trades", "--grid", "alpha=0,1"]
+LOSS_RUNS = {"alpha=0,loss=fare": ("fare", 0.0, None), "alpha=1,loss=fare": ("fare", 1.0, None),
+             "loss=trades": ("trades", None, 1.0)}  # run label -> (loss, alpha, beta)
 
 
 # ---------------------------------------------------------------- helpers
@@ -61,11 +69,15 @@ def only_run(sweep_dir: Path) -> tuple[str, dict]:
     return name, entry
 
 
-def train_steps(run_dir: Path) -> list[int]:
+def train_records(run_dir: Path) -> list[dict]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return []
-    return [r["step"] for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "train"]
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == "train"]
+
+
+def train_steps(run_dir: Path) -> list[int]:
+    return [r["step"] for r in train_records(run_dir)]
 
 
 def starts(run_dir: Path) -> list[dict]:
@@ -88,6 +100,36 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def assert_each_run_trained_its_loss(sweep_dir: Path, report_dir: Path) -> None:
+    """The finished sweep of LOSS_GRID: the runs of LOSS_RUNS and no others, each finished with its loss and
+    weights in results.json and config.toml, each logged step minimised its own loss's sum of terms, the
+    encoders differ, and launch/report.py names both losses."""
+    rec = read_sweep(sweep_dir)
+    assert rec["grid"] == {"loss.name": ["fare", "trades"], "loss.alpha": ["0", "1"]}
+    runs = {n.rsplit("-", 1)[0]: sweep_dir / n for n in rec["runs"]}
+    assert sorted(runs) == sorted(LOSS_RUNS)
+    weights = {}
+    for label, run in runs.items():
+        loss, alpha, beta = LOSS_RUNS[label]
+        res = json.loads((run / "results.json").read_text())
+        assert (res["status"], res["loss"], res["alpha"], res["beta"]) == ("finished", loss, alpha, beta), res
+        cfg = tomllib.loads((run / "config.toml").read_text())["loss"]
+        assert (cfg["name"], cfg.get("alpha"), cfg.get("beta")) == (loss, alpha, beta), cfg
+        logged = train_records(run)
+        assert logged, run
+        for r in logged:  # the job ran the config's loss, not the default one (metrics are rounded to 1e-6)
+            want = (r["adv_loss"] + alpha * r.get("clean_loss", 0.0) if loss == "fare"
+                    else r["clean_loss"] + beta * r["adv_loss"])
+            assert r["loss"] == pytest.approx(want, rel=1e-6, abs=1e-5), (label, r)
+        weights[label] = final_weights(run)
+    # same start, data and seed: only the loss (or alpha) can make the encoders differ
+    for a, b in itertools.combinations(sorted(weights), 2):
+        assert any(not torch.equal(weights[a][k], weights[b][k]) for k in weights[a]), (a, b)
+    assert REPORT.main([str(sweep_dir), "--out", str(report_dir)]) == 0
+    report = (report_dir / "REPORT.md").read_text()
+    assert "fare" in report and "trades" in report
 
 
 @pytest.fixture(scope="module")
@@ -339,6 +381,14 @@ def test_two_sweeps_started_at_once_submit_each_run_once(tmp_path, base_encoder,
     assert sum("queued or running (skipped)" in o or "finished (skipped)" in o for o, _ in outs) == 1
 
 
+def test_local_sweep_crosses_losses_with_alpha(tmp_path, base_encoder, cache, capsys):
+    rc, out, err = run_main(capsys, args_for(tmp_path, base_encoder, cache, "--cluster", "local", *LOSS_GRID,
+                                             "--name", "losses", "--wait", sets=["optim.steps=2"]))
+    assert rc == 0, out + err
+    assert "loss.name = 'trades' does not read loss.alpha" in err
+    assert_each_run_trained_its_loss(tmp_path / "losses", tmp_path / "report")
+
+
 def test_local_time_limit_requeues_and_the_finished_run_is_bit_identical(tmp_path, base_encoder, cache,
                                                                          reference, capsys, monkeypatch):
     # submitit's local controller sends USR2 `timeout - signal_delay` = 30 s into every start of the job and
@@ -385,19 +435,20 @@ def submit_and_hold(capsys, slurm, argv: list[str], sweep_dir: Path, held: Path)
 
 
 @pytest.mark.slurm
-def test_slurm_sweep_is_one_job_array_and_sacct_shows_it(slurm, tmp_path, base_encoder, cache, capsys):
+def test_slurm_sweep_of_losses_x_alpha_is_one_job_array_and_each_run_trains_its_loss(slurm, tmp_path, base_encoder,
+                                                                                     cache, capsys):
     d = tmp_path / "arr"
     slurm.append(d)
     rc, out, err = run_main(capsys, args_for(tmp_path, base_encoder, cache, "--cluster", "slurm", "--name", "arr",
-                                             "--grid", "alpha=0,0.1", "--wait"))
+                                             *LOSS_GRID, "--wait", sets=["optim.steps=2"]))
     assert rc == 0, out + err
     rec = read_sweep(d)
+    assert rec["cluster"]["kind"] == "slurm"
     ids = sorted(e["job_id"] for e in rec["runs"].values())
     array = ids[0].split("_")[0]
-    assert ids == [f"{array}_0", f"{array}_1"] and rec["submissions"][0]["job_ids"] == ids
-    wait_sacct(dict(os.environ), array, [f"{array}_0|COMPLETED", f"{array}_1|COMPLETED"], "JobID,State", sort=True)
-    assert all(json.loads((Path(e["dir"]) / "results.json").read_text())["status"] == "finished"
-               for e in rec["runs"].values())
+    assert ids == [f"{array}_{i}" for i in range(3)] and rec["submissions"][0]["job_ids"] == ids
+    wait_sacct(dict(os.environ), array, [f"{array}_{i}|COMPLETED" for i in range(3)], "JobID,State", sort=True)
+    assert_each_run_trained_its_loss(d, tmp_path / "report")
 
 
 @pytest.mark.slurm
