@@ -40,6 +40,10 @@ def follow(plan: Plan, names: list[str], record: dict[str, Any], jobs: dict[str,
     for n in bad:
         if ids.get(n) and plan.kind != "debug":
             print(f"{n}: log {job_log(plan.submitit_dir, ids[n])}", file=sys.stderr)
+    unfinished = [n for n in bad if run_results(runs[n].cfg.run.dir).get("status") != "failed"]
+    if unfinished:  # a time limit or a kill: the checkpoints are there, the same command resumes from them
+        print(f"{len(unfinished)} run(s) ended without a result (time limit or killed; their logs above): rerun "
+              "the same command to resume them from their last checkpoint", file=sys.stderr)
     write_report(plan)
     return 1 if bad else 0
 
