@@ -3,8 +3,9 @@ coloured by loss, accuracy curves per (loss, weight), per-loss sections and figu
 (trades) is reported with alpha '-' beside FARE runs written before loss.name existed.
 
 The fake sweep at lr 1e-4, n = 200 test images per run (Wilson intervals about ±6 points):
-fare alpha 0 (70 / 40) and alpha 1 (80 / 30), cosine alpha 0.1 (75 / 35), trades beta 1 (50 / 10): trades is
-below fare alpha 0 on both accuracies with intervals apart; cosine and fare alpha 0 overlap on both.
+fare alpha 0 (70 / 40) and alpha 1 (80 / 30), cosine alpha 0.1 (75 / 35), trades beta 1 (50 / 10), deacl
+beta 2 (72 / 38): trades is below every other point on both accuracies with intervals apart; the others
+overlap pairwise on at least one accuracy.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ LOSSES = {  # name -> (loss, alpha, beta, final clean, final robust)
     "loss=fare,alpha=1-aaaa0001": ("fare", 1.0, None, 80.0, 30.0),
     "loss=cosine,alpha=0.1-cccc0000": ("cosine", 0.1, None, 75.0, 35.0),
     "loss=trades-bbbb0000": ("trades", None, 1.0, 50.0, 10.0),
+    "loss=deacl-dddd0000": ("deacl", None, 2.0, 72.0, 38.0),  # its own default beta: no setting of its own
 }
 
 
@@ -40,7 +42,8 @@ def _sweep(tmp_path: Path) -> Path:
 def test_points_are_keyed_by_loss_and_weight(tmp_path: Path) -> None:
     points = R.aggregate(R.load_sweep(_sweep(tmp_path)).runs)
     assert [(p.setting, p.loss, p.alpha, p.beta, p.name()) for p in points] == [
-        ("", "cosine", 0.1, None, "cosine α=0.1"), ("", "fare", 0.0, None, "fare α=0"),
+        ("", "cosine", 0.1, None, "cosine α=0.1"), ("", "deacl", None, 2.0, "deacl β=2"),
+        ("", "fare", 0.0, None, "fare α=0"),
         ("", "fare", 1.0, None, "fare α=1"), ("", "trades", None, 1.0, "trades β=1")]
 
 
@@ -48,23 +51,26 @@ def test_report_compares_losses_in_one_table_and_claims_only_what_intervals_supp
     md = R.write_report(_sweep(tmp_path)).read_text()
     table = md.split("## Losses compared")[1].split("## Results")[0]
     rows = [ln for ln in table.splitlines() if ln.startswith("| ") and not ln.startswith("| loss")]
-    assert [ln.split(" | ")[:4] for ln in rows] == [["| cosine", "0.1", "-", "0.0001"], ["| fare", "0", "-", "0.0001"],
-                                                    ["| fare", "1", "-", "0.0001"], ["| trades", "-", "1", "0.0001"]]
+    assert "### Setting" not in md  # the losses' weights are the table's columns, not settings
+    assert [ln.split(" | ")[:4] for ln in rows] == [
+        ["| cosine", "0.1", "-", "0.0001"], ["| deacl", "-", "2", "0.0001"], ["| fare", "0", "-", "0.0001"],
+        ["| fare", "1", "-", "0.0001"], ["| trades", "-", "1", "0.0001"]]
     trades = next(ln for ln in rows if ln.startswith("| trades"))
     assert "-> 50.0 [43.1, 56.9] (n=200)" in trades and "-> 10.0 [6.6, 14.9] (n=200)" in trades
     found = table.split("**What the numbers support**")[1]
     # trades is below fare alpha 0 (and the others) on both accuracies with intervals apart on both ...
     assert "`trades β=1` (50.0 % [43.1, 56.9] clean, 10.0 % [6.6, 14.9] robust) is below `cosine α=0.1`" in found
+    assert "`deacl β=2` (72.0 % [65.4, 77.8], 38.0 % [31.6, 44.9])" in found
     assert "`fare α=0` (70.0 % [63.3, 75.9], 40.0 % [33.5, 46.9])" in found
     # ... while cosine and fare alpha 0 overlap: neither is said to be below the other
     assert "`cosine α=0.1` (" not in found.split("is below")[0] and found.count("is below") == 1
-    assert ("Final robust accuracy, lr = 0.0001, over 4 (loss, weight) points: from 10.0 % (`trades β=1`) to 40.0 % "
+    assert ("Final robust accuracy, lr = 0.0001, over 5 (loss, weight) points: from 10.0 % (`trades β=1`) to 40.0 % "
             "(`fare α=0`), a spread of 30.0 points. Lowest against highest: higher at `fare α=0`") in found
 
 
 def test_each_loss_gets_its_own_alpha_x_lr_section(tmp_path: Path) -> None:
     md = R.write_report(_sweep(tmp_path)).read_text()
-    for loss in ("cosine", "fare", "trades"):
+    for loss in ("cosine", "deacl", "fare", "trades"):
         assert f"### Loss `{loss}`" in md
     trades = md.split("### Loss `trades`")[1].split("###")[0]
     assert "| beta \\ lr | 0.0001 |\n|---|---|\n| 1 | 85.0" in trades and "-> 10.0 [6.6, 14.9]" in trades
@@ -88,13 +94,14 @@ def test_figures_colour_the_tradeoff_by_loss_and_draw_curves_per_loss(tmp_path: 
     d = _sweep(tmp_path)
     series = R.tradeoff_series(R.aggregate(R.load_sweep(d).runs))
     assert [(label, key, [p.name() for p in pts]) for label, key, _, pts in series] == [
-        ("cosine", "cosine", ["cosine α=0.1"]), ("fare", "fare", ["fare α=0", "fare α=1"]),
+        ("cosine", "cosine", ["cosine α=0.1"]), ("deacl", "deacl", ["deacl β=2"]),
+        ("fare", "fare", ["fare α=0", "fare α=1"]),
         ("trades", "trades", ["trades β=1"])]
     R.write_report(d)
     names = sorted(p.name for p in (d / "figures").iterdir())
     assert "tradeoff.png" in names and "accuracy_by_loss.png" in names
-    for loss in ("cosine", "fare", "trades"):
-        assert {f"{loss}_accuracy_by_alpha.png", f"{loss}_loss_by_alpha.png", f"{loss}_final_heatmaps.png"} <= set(names)
+    for loss in ("cosine", "deacl", "fare", "trades"):
+        assert {f"{loss}_{what}.png" for what in ("accuracy_by_alpha", "loss_by_alpha", "final_heatmaps")} <= set(names)
     assert all((d / "figures" / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in names)
 
 
@@ -117,4 +124,4 @@ def test_curves_by_loss_have_one_line_per_loss_and_weight(tmp_path: Path) -> Non
         R.plot_curves(points, tmp_path / "by_loss.png", by="loss", kind="eval", keys=(("clean_acc", "clean"),))
     finally:
         plt.Figure.savefig = orig
-    assert drawn == [["cosine α=0.1", "fare α=0", "fare α=1", "trades β=1"]]
+    assert drawn == [["cosine α=0.1", "deacl β=2", "fare α=0", "fare α=1", "trades β=1"]]

@@ -71,7 +71,7 @@ def plot_curves(points: Sequence[Point], path: Path, *, by: str, kind: str,
     strong-attack initial/final as hollow markers."""
     other = "alpha" if by == "lr" else "lr"
     columns = sorted({getattr(p, other) for p in points})
-    lines = sorted({_line_key(p, by) for p in points}, key=str) if by == "loss" else sorted({getattr(p, by) for p in points})
+    lines = sorted({_line_key(p, by) for p in points}, key=str if by == "loss" else None)
     if not columns:
         return None
     plt = _plt()

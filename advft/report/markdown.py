@@ -129,7 +129,8 @@ def _findings(points: Sequence[Point]) -> list[str]:
 
 def weight_axis(points: Sequence[Point]) -> str:
     """The rows of a loss's table: alpha, or beta for a loss that reads no alpha (trades, deacl)."""
-    return "alpha" if any(p.alpha is not None for p in points) or not any(p.beta is not None for p in points) else "beta"
+    with_beta = any(p.beta is not None for p in points)
+    return "alpha" if any(p.alpha is not None for p in points) or not with_beta else "beta"
 
 
 def _matrix(points: Sequence[Point], key: str) -> list[str]:

@@ -21,7 +21,7 @@ from advft.engine.rundir import read_json, read_metrics
 STATUSES = ("finished", "running", "failed", "missing")
 # config keys that never make two runs different experiments (names, places, seeds, logging chrome)
 _NOT_A_SETTING = {"run.name", "run.root", "run.seed", "run.progress", "run.wandb", "run.wandb_artifacts",
-                  "loss.name", "loss.alpha", "optim.lr"}  # loss, alpha, lr: the report's own axes
+                  "loss.name", "loss.alpha", "loss.beta", "optim.lr"}  # the report's own axes: loss, its weights, lr
 _RUN_FILES = ("config.toml", "metrics.jsonl", "results.json")
 
 
@@ -211,7 +211,8 @@ def load_sweep(sweep_dir: str | os.PathLike) -> Sweep:
         runs.append(_load_run(name, d / name, plan))
     grid = record.get("grid") if isinstance(record.get("grid"), dict) else {}
     runs = _with_settings(runs, grid)
-    runs.sort(key=lambda r: (r.setting, r.loss, _key(r.alpha), _key(r.lr), r.seed if r.seed is not None else -1, r.name))
+    runs.sort(key=lambda r: (r.setting, r.loss, _key(r.alpha), _key(r.lr), r.seed if r.seed is not None else -1,
+                             r.name))
     return Sweep(name=str(record.get("name") or d.resolve().name), dir=d, record=record, runs=tuple(runs))
 
 

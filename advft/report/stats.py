@@ -110,19 +110,14 @@ def apart(a: Stat, b: Stat) -> bool:
 
 @dataclass(frozen=True)
 class Point:
-    """One (setting, loss, alpha, lr) of the grid with its runs (seeds)."""
+    """One (setting, loss, alpha, beta, lr) of the grid with its runs (seeds)."""
 
     setting: str
     loss: str
     alpha: float | None  # None for a loss that reads no alpha
     lr: float
+    beta: float | None  # None for a loss that reads no beta
     runs: tuple[Run, ...]
-
-    @property
-    def beta(self) -> float | None:
-        """The loss's beta when it reads one (every run of a point has the same, or the setting names it)."""
-        b = next((r.config.get("loss.beta") for r in self.runs if r.config.get("loss.beta") is not None), None)
-        return float(b) if isinstance(b, (int, float)) and reads(self.loss, "beta") else None
 
     def name(self) -> str:
         """The loss with the weights it reads: ``fare α=0.1``, ``trades β=1``."""
@@ -172,14 +167,17 @@ def reads(loss: str, weight: str) -> bool:
 
 
 def aggregate(runs: Iterable[Run]) -> list[Point]:
-    """Group runs by (setting, loss, alpha, lr): the seeds of one experiment. Runs without lr, or without alpha
-    when their loss reads one, are left out; a loss without alpha (trades) has alpha None."""
-    groups: dict[tuple[str, str, float, float], list[Run]] = {}
+    """Group runs by (setting, loss, alpha, beta, lr): the seeds of one experiment. Runs without lr, or without
+    alpha when their loss reads one, are left out; a loss without alpha (trades) has alpha None, one without
+    beta (fare) beta None."""
+    groups: dict[tuple[str, str, float, float, float], list[Run]] = {}
     for r in runs:
         if r.lr is not None and (r.alpha is not None or not reads(r.loss, "alpha")):
-            groups.setdefault((r.setting, r.loss, -math.inf if r.alpha is None else r.alpha, r.lr), []).append(r)
-    return [Point(s, loss, None if a == -math.inf else a, lr, tuple(rs))
-            for (s, loss, a, lr), rs in sorted(groups.items())]
+            b = r.config.get("loss.beta")
+            beta = float(b) if isinstance(b, (int, float)) and reads(r.loss, "beta") else -math.inf
+            groups.setdefault((r.setting, r.loss, -math.inf if r.alpha is None else r.alpha, beta, r.lr), []).append(r)
+    return [Point(s, loss, None if a == -math.inf else a, lr, None if b == -math.inf else b, tuple(rs))
+            for (s, loss, a, b, lr), rs in sorted(groups.items())]
 
 
 def curve(runs: Sequence[Run], kind: str, key: str) -> tuple[list[int], list[float], list[float | None]]:
