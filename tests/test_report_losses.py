@@ -125,3 +125,21 @@ def test_curves_by_loss_have_one_line_per_loss_and_weight(tmp_path: Path) -> Non
     finally:
         plt.Figure.savefig = orig
     assert drawn == [["cosine α=0.1", "deacl β=2", "fare α=0", "fare α=1", "trades β=1"]]
+
+
+def test_the_second_radius_of_the_final_evaluation_is_a_column_of_the_loss_table(tmp_path: Path) -> None:
+    import json
+
+    d = _sweep(tmp_path)
+    extra = {"alpha=0-aaaa0000": 60.0, "loss=deacl-dddd0000": 20.0}  # the others' results.json lack it
+    for name, acc in extra.items():
+        res = d / name / "results.json"
+        rec = json.loads(res.read_text())
+        rec["final"].update({"eps_extra": 16.0, "robust_acc_eps_extra": acc})
+        res.write_text(json.dumps(rec))
+    table = R.write_report(d).read_text().split("## Losses compared")[1].split("## Results")[0]
+    assert "| robust % at 16/255, initial -> final | status |" in table
+    fare0 = next(ln for ln in table.splitlines() if ln.startswith("| fare | 0 |"))
+    assert fare0.endswith("-> 60.0 [53.1, 66.5] (n=200) | finished |")
+    assert ("Final robust accuracy at 16/255, lr = 0.0001, over 2 (loss, weight) points: from 20.0 % (`deacl β=2`) "
+            "to 60.0 % (`fare α=0`)") in table

@@ -89,12 +89,13 @@ def _compare(a_label: str, a: Stat, b_label: str, b: Stat) -> str:
     return f"{values}: the difference is within the 95 % intervals, not resolved by this sweep."
 
 
-def _spread(line: Sequence[Point], where: str, label: Any, what: str, compare: str) -> list[str]:
+def _spread(line: Sequence[Point], where: str, label: Any, what: str, compare: str,
+            keys: Sequence[tuple[str, str]] = ACC_KEYS) -> list[str]:
     """Per accuracy, the finished points' final values (named by ``label(p)``) from lowest to highest, and a
     comparison: of the axis' two extreme values (``compare`` = its name) or, when ``compare`` is "", of the
     lowest and the highest point."""
     out = []
-    for key, name in ACC_KEYS:
+    for key, name in keys:
         finals = [(label(p), st) for p in line if (st := p.final(key)) is not None]
         if len(finals) < 2:
             continue
@@ -168,13 +169,23 @@ def _acc_pair(d: Mapping[str, Any]) -> str:
     return " / ".join(parts) + (f" (n={n})" if n is not None else "")
 
 
+def _extra_eps(points: Sequence[Point]) -> tuple[str, str] | None:
+    """The final evaluation's second radius (eval.final_eps_extra), as an accuracy key, when the runs have it."""
+    eps = {fmt_value(r.final.get("eps_extra")) for p in points for r in p.runs if "robust_acc_eps_extra" in r.final}
+    if not eps:
+        return None
+    return "robust_acc_eps_extra", f"robust accuracy at {', '.join(sorted(eps))}/255 (%)"
+
+
 def _loss_findings(points: Sequence[Point]) -> list[str]:
     """Across losses at one lr: per accuracy, the lowest and highest final point and whether their intervals
     separate; then every point that another beats on BOTH accuracies with intervals apart on both."""
     out: list[str] = []
     for lr in sorted({p.lr for p in points}):
         line = [p for p in points if p.lr == lr]
-        out += _spread(line, f"lr = {num(lr)}", lambda p: f"`{p.name()}`", "(loss, weight) points", "")
+        extra = _extra_eps(line)
+        out += _spread(line, f"lr = {num(lr)}", lambda p: f"`{p.name()}`", "(loss, weight) points", "",
+                       ACC_KEYS + ((extra,) if extra else ()))
         done = [(p, c, r) for p in line if (c := p.final("clean_acc")) is not None
                 and (r := p.final("robust_acc")) is not None]
         for p, c, r in done:
@@ -189,12 +200,17 @@ def _loss_findings(points: Sequence[Point]) -> list[str]:
 
 
 def _losses_compared(points: Sequence[Point]) -> list[str]:
-    """The loss x alpha x lr table of one setting and what it supports."""
-    out = ["| loss | alpha | beta | lr | runs | clean % initial -> final | robust % initial -> final | status |",
-           "|---|---|---|---|---|---|---|---|"]
+    """The loss x alpha x lr table of one setting (with the final evaluation's second radius when the runs
+    have one) and what it supports."""
+    extra = _extra_eps(points)
+    head = "| loss | alpha | beta | lr | runs | clean % initial -> final | robust % initial -> final |"
+    if extra:
+        head += f" robust % at {extra[1].split(' at ')[1].split(' (')[0]}, initial -> final |"
+    out = [head + " status |", "|---|---|---|---|---|---|---|" + ("---|" if extra else "") + "---|"]
     for p in sorted(points, key=lambda p: (p.lr, p.loss, -1.0 if p.alpha is None else p.alpha)):
         out.append(f"| {p.loss} | {num(p.alpha)} | {num(p.beta)} | {num(p.lr)} | {len(p.runs)} | "
-                   f"{_cell(p, 'clean_acc')} | {_cell(p, 'robust_acc')} | {p.status_text() or 'finished'} |")
+                   f"{_cell(p, 'clean_acc')} | {_cell(p, 'robust_acc')} | "
+                   + (f"{_cell(p, extra[0])} | " if extra else "") + f"{p.status_text() or 'finished'} |")
     return out + ["", "**What the numbers support**", "", *_loss_findings(points), ""]
 
 
