@@ -36,13 +36,7 @@ SHAPE = (3, 8, 8)
 EPS = 5 / 255
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These tensors are tiny: a second intra-op thread only adds contention on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: a second thread only adds contention
 
 
 def _images(n: int, prototypes: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
