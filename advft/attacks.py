@@ -10,6 +10,8 @@ Conventions shared by everything in this file:
 - An attack is a function of its arguments only: it draws its random start from ``generator`` (or an
   explicit ``init``), never from torch's global RNG, keeps no state, and never calls ``.backward()``:
   input gradients come from ``torch.autograd.grad``, so parameter ``.grad`` fields stay untouched.
+  ``wrt_params`` makes every gradient evaluation differentiate the given parameters too (the work of a
+  full backward, results dropped): the same iterates at a higher cost, for benchmarks that measure it.
 - The iteration loops contain no host synchronisation (no ``.item()``, no Python branch on a tensor
   value, no data-dependent indexing): every per-sample decision is a ``torch.where``. On a GPU the
   whole attack is queued without waiting for the device.
@@ -21,7 +23,7 @@ Conventions shared by everything in this file:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -164,12 +166,12 @@ def _random_start(
 
 
 def _loss_and_grad(
-    forward: Forward, loss_fn: LossFn, x_adv: Tensor, need_grad: bool
+    forward: Forward, loss_fn: LossFn, x_adv: Tensor, need_grad: bool, wrt_params: tuple[Tensor, ...] = ()
 ) -> tuple[Tensor, Tensor | None]:
     """Per-sample loss at ``x_adv`` (in x_adv's dtype) and, if asked, its input gradient.
 
-    The gradient comes from ``autograd.grad`` w.r.t. the input only, so parameters that require grad
-    are differentiated through but their ``.grad`` is never written.
+    The gradient comes from ``autograd.grad`` w.r.t. the input (and ``wrt_params``, whose gradients are
+    dropped), so parameters that require grad are differentiated through but their ``.grad`` is never written.
     """
     with torch.enable_grad() if need_grad else torch.no_grad():
         z = x_adv.detach().requires_grad_(need_grad)
@@ -182,8 +184,15 @@ def _loss_and_grad(
         loss = loss.to(x_adv.dtype)  # bf16 under autocast -> fp32 before any comparison
         if not need_grad:
             return loss, None
-        (grad,) = torch.autograd.grad(loss.sum(), z)
+        grad = torch.autograd.grad(loss.sum(), (z, *wrt_params))[0]
     return loss.detach(), grad
+
+
+def _params(wrt_params: Iterable[Tensor]) -> tuple[Tensor, ...]:
+    params = tuple(wrt_params)
+    if not all(p.requires_grad for p in params):
+        raise ValueError("wrt_params: every tensor must require grad (a frozen parameter has no gradient to take)")
+    return params
 
 
 def _check_args(eps: float, n_iter: int) -> None:
@@ -216,6 +225,7 @@ def apgd(
     init: Tensor | None = None,
     momentum: float = 0.75,
     rho: float = 0.75,
+    wrt_params: Iterable[Tensor] = (),
 ) -> Tensor:
     """L-inf APGD (Croce & Hein, ICML 2020, Algorithm 1): maximise ``loss_fn(forward(z))`` over the ball.
 
@@ -239,6 +249,10 @@ def apgd(
             the first step takes no momentum.
         rho: condition 1 halves the step size when fewer than ``rho`` of the steps since the last
             checkpoint increased the loss.
+        wrt_params: tensors that require grad (a model's parameters) to differentiate at every gradient
+            evaluation besides the input, as ``loss.backward()`` would; their gradients are dropped and
+            ``.grad`` is not written. Empty (default): the input gradient only, which skips the weight
+            gradients' work. The iterates are the same either way; the benchmarks use it to measure that work.
 
     Step size starts at ``2 * eps``. At each checkpoint (see ``apgd_checkpoints``) and per sample,
     the step size is halved and the iterate restarts from the best point when (1) the loss increased
@@ -248,6 +262,7 @@ def apgd(
     code skips it there.
     """
     _check_args(eps, n_iter)
+    params = _params(wrt_params)
     dtype = _work_dtype(x)
     x = x.detach().to(dtype)
     lo = (x - eps).clamp_(min=0.0)
@@ -257,7 +272,7 @@ def apgd(
         return torch.clamp(z, min=lo, max=hi)
 
     x_cur = project(x + eps * _random_start(x, eps, generator, init))
-    loss_cur, grad_cur = _loss_and_grad(forward, loss_fn, x_cur, need_grad=True)
+    loss_cur, grad_cur = _loss_and_grad(forward, loss_fn, x_cur, need_grad=True, wrt_params=params)
     assert grad_cur is not None
     x_prev = x_cur
     x_best, loss_best, grad_best = x_cur, loss_cur, grad_cur
@@ -276,7 +291,7 @@ def apgd(
             z = project(x_cur + momentum * (z - x_cur) + (1.0 - momentum) * (x_cur - x_prev))
         # The last iterate only needs its loss: skip its backward pass.
         need_grad = t < n_iter
-        loss_new, grad_new = _loss_and_grad(forward, loss_fn, z, need_grad)
+        loss_new, grad_new = _loss_and_grad(forward, loss_fn, z, need_grad, params)
 
         n_increase += (loss_new > loss_cur).to(dtype)
         improved = loss_new > loss_best
@@ -320,27 +335,29 @@ def pgd(
     step_size: float | None = None,
     generator: torch.Generator | None = None,
     init: Tensor | None = None,
+    wrt_params: Iterable[Tensor] = (),
 ) -> Tensor:
     """Random-start L-inf PGD with sign gradients and a fixed step (baseline for ``apgd``).
 
     Same conventions and guarantees as ``apgd`` (pixel units, no global RNG, no host sync, input
-    gradients only, per-sample best iterate returned in float32 inside the ball and [0, 1]).
-    ``step_size`` defaults to ``2.5 * eps / n_iter``, so the steps together can cross the ball.
+    gradients only unless ``wrt_params`` names more, per-sample best iterate returned in float32 inside the
+    ball and [0, 1]). ``step_size`` defaults to ``2.5 * eps / n_iter``, so the steps together can cross the ball.
     """
     _check_args(eps, n_iter)
     step = 2.5 * eps / n_iter if step_size is None else step_size
+    params = _params(wrt_params)
     dtype = _work_dtype(x)
     x = x.detach().to(dtype)
     lo = (x - eps).clamp_(min=0.0)
     hi = (x + eps).clamp_(max=1.0)
 
     x_cur = torch.clamp(x + eps * _random_start(x, eps, generator, init), min=lo, max=hi)
-    loss_cur, grad = _loss_and_grad(forward, loss_fn, x_cur, need_grad=True)
+    loss_cur, grad = _loss_and_grad(forward, loss_fn, x_cur, need_grad=True, wrt_params=params)
     x_best, loss_best = x_cur, loss_cur
     for t in range(1, n_iter + 1):
         assert grad is not None
         x_cur = torch.clamp(x_cur + step * grad.sign(), min=lo, max=hi)
-        loss_cur, grad = _loss_and_grad(forward, loss_fn, x_cur, need_grad=t < n_iter)
+        loss_cur, grad = _loss_and_grad(forward, loss_fn, x_cur, need_grad=t < n_iter, wrt_params=params)
         improved = loss_cur > loss_best
         x_best = torch.where(_per_sample(improved, x), x_cur, x_best)
         loss_best = torch.where(improved, loss_cur, loss_best)

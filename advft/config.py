@@ -199,6 +199,8 @@ class LossConfig(Section):
 
 @dataclass(frozen=True)
 class OptimConfig(Section):
+    """AdamW, linear warmup then cosine decay; pretraining's section extends it (advft.simclr.config)."""
+
     lr: float = ranged(1e-4, gt=0)
     betas: tuple[float, float] = ranged((0.9, 0.95), ge=0, lt=1)
     weight_decay: float = ranged(1e-4, ge=0)

@@ -26,17 +26,16 @@ a GPU, so it is not claimed; the GPU run of this script is where it would be tri
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-import advft.attacks as A  # noqa: E402
 import advft.fare.step as S  # noqa: E402
 from advft import config as C  # noqa: E402
 from advft.distributed import autocast  # noqa: E402
@@ -54,49 +53,6 @@ SWITCH_HELP = {
 }
 
 
-# ------------------------------------------------------------------------------------------ ablation patches
-
-
-@contextlib.contextmanager
-def separate_forwards() -> Iterator[None]:
-    """The engine's training loss, but phi(z) and phi(x) always as two forwards (the engine joins them into
-    one forward of [z; x] where BN uses running statistics)."""
-    orig = S.training_loss
-
-    def two_forwards(name, encoder, z, x, target, weights, joint=False):
-        return orig(name, encoder, z, x, target, weights, joint=False)
-
-    S.training_loss = two_forwards
-    try:
-        yield
-    finally:
-        S.training_loss = orig
-
-
-@contextlib.contextmanager
-def full_backward_attack(phi: torch.nn.Module) -> Iterator[None]:
-    """The engine's attack, but with phi's parameters left trainable and input gradients taken through a full
-    ``backward()`` that computes the parameter gradients as well (then discarded), as the baseline does."""
-    orig_frozen, orig_grad = S.frozen, A._loss_and_grad
-
-    def loss_and_grad(forward, loss_fn, x_adv, need_grad):
-        if not need_grad:
-            return orig_grad(forward, loss_fn, x_adv, need_grad)
-        with torch.enable_grad():
-            z = x_adv.detach().requires_grad_(True)
-            loss = loss_fn(forward(z)).to(x_adv.dtype)
-            loss.sum().backward()
-        phi.zero_grad(set_to_none=True)
-        return loss.detach(), z.grad
-
-    S.frozen = lambda module: contextlib.nullcontext()
-    A._loss_and_grad = loss_and_grad
-    try:
-        yield
-    finally:
-        S.frozen, A._loss_and_grad = orig_frozen, orig_grad
-
-
 # ----------------------------------------------------------------------------------------- implementations
 
 
@@ -106,31 +62,28 @@ class Impl:
     Every call uses the next global step index, so the attack's start noise changes as in training.
     """
 
-    def __init__(self, name: str, step: Callable[[int], Any], attack: Callable[[int], Any],
-                 ctx: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> None:
-        self.name, self._step, self._attack, self._ctx, self.i = name, step, attack, ctx, 0
+    def __init__(self, name: str, step: Callable[[int], Any], attack: Callable[[int], Any]) -> None:
+        self.name, self._step, self._attack, self.i = name, step, attack, 0
 
     def step(self) -> None:
-        with self._ctx():
-            self._step(self.i)
+        self._step(self.i)
         self.i += 1
 
     def attack(self) -> None:
-        with self._ctx():
-            self._attack(self.i)
+        self._attack(self.i)
         self.i += 1
 
 
-def make_advft(name: str, base, cfg: C.Config, x: torch.Tensor, device: torch.device,
-               ctx_for: Callable[[torch.nn.Module], Callable[[], Any]] | None = None) -> Impl:
+def make_advft(name: str, base, cfg: C.Config, x: torch.Tensor, device: torch.device, **route: Any) -> Impl:
+    """advft's step and attack; ``route``: FareSpec's switches of how the same step is computed
+    (``attack_grads``, ``join_forwards``), default the engine's."""
     models, opt = common.advft_models(base, cfg, device)
     y = torch.zeros(x.shape[0], dtype=torch.long, device=device)
     with torch.no_grad(), autocast(device, cfg.run.precision):
         target = models.phi_org(x).float()
-    ctx = ctx_for(models.phi) if ctx_for else contextlib.nullcontext
-    spec = S.FareSpec.of(cfg)
+    spec = dataclasses.replace(S.FareSpec.of(cfg), **route)
     return Impl(name, lambda i: S.fare_step(models, opt, x, y, i, spec),
-                lambda i: S.adversarial_batch(models, x, y, target, i, spec), ctx)
+                lambda i: S.adversarial_batch(models, x, y, target, i, spec))
 
 
 def make_baseline(base, cfg: C.Config, x: torch.Tensor, device: torch.device) -> Impl:
@@ -156,14 +109,12 @@ def ablation_variants(base, cfg: C.Config, x: torch.Tensor, device: torch.device
              "channels_last": {"run.channels_last": not cfg.run.channels_last},
              "compile": {"run.compile": not cfg.run.compile},
              "fused": {"optim.fused": not cfg.optim.fused}}
+    routes = {"concat": {"join_forwards": False}, "input_grads": {"attack_grads": "full_backward"}}
     for s in switches:
         if s in flips:
             out.append(make_advft(f"flip:{s}", base, C.replace(cfg, **flips[s]), x, device))
-        elif s == "concat":
-            out.append(make_advft("flip:concat", base, cfg, x, device, lambda phi: separate_forwards))
-        elif s == "input_grads":
-            out.append(make_advft("flip:input_grads", base, cfg, x, device,
-                                  lambda phi: (lambda: full_backward_attack(phi))))
+        else:
+            out.append(make_advft(f"flip:{s}", base, cfg, x, device, **routes[s]))
     return out
 
 

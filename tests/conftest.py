@@ -119,3 +119,13 @@ def need_ffcv() -> None:
 def need_dali() -> None:
     """A test that needs DALI: skipped without it, failed under ADVFT_REQUIRE_EXTRAS=1."""
     require_extra("dali")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """For modules of thousands of tiny ops: one intra-op thread, so that a busy machine does not stall them at
+    every thread barrier (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

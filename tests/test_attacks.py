@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from advft.attacks import (
+    _loss_and_grad,
     _top_other_classes,
     apgd,
     apgd_checkpoints,
@@ -35,13 +36,7 @@ SHAPE = (3, 8, 8)
 EPS = 5 / 255
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These tensors are tiny: a second intra-op thread only adds contention on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny tensors: a second thread only adds contention
 
 
 def _images(n: int, prototypes: Tensor, g: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -403,6 +398,39 @@ def test_parameters_and_their_grad_untouched() -> None:
     pgd(phi, x, embedding_loss(target), eps=EPS, n_iter=4, generator=_gen(0))
     assert all(p.grad is None for p in phi.parameters())
     assert all(torch.equal(before[k], v) for k, v in phi.state_dict().items())
+
+
+@pytest.mark.parametrize("attack", [apgd, pgd])
+def test_wrt_params_takes_the_parameter_gradients_too_and_changes_nothing_else(attack) -> None:
+    """The costlier route (a full backward's work, results dropped) finds the same points, leaves .grad
+    alone, and really differentiates the parameters once per gradient evaluation."""
+    phi = _encoder()
+    x = torch.rand(4, *SHAPE, generator=_gen(9))
+    with torch.no_grad():
+        loss_fn = embedding_loss(phi(x) + 0.1)
+    n_iter = 4
+    calls = {"n": 0}
+
+    def count(grad: Tensor) -> None:
+        calls["n"] += 1
+
+    hooks = [p.register_hook(count) for p in phi.parameters()]
+    plain = attack(phi, x, loss_fn, eps=EPS, n_iter=n_iter, generator=_gen(0))
+    assert calls["n"] == 0
+    full = attack(phi, x, loss_fn, eps=EPS, n_iter=n_iter, generator=_gen(0), wrt_params=phi.parameters())
+    for h in hooks:
+        h.remove()
+    assert calls["n"] == n_iter * len(list(phi.parameters()))  # every gradient evaluation, every parameter
+    assert not torch.equal(plain, x)
+    torch.testing.assert_close(full, plain, rtol=0, atol=1e-7)
+    assert all(p.grad is None for p in phi.parameters())
+    z = x + EPS * (2 * torch.rand(x.shape, generator=_gen(3)) - 1)
+    (loss_a, grad_a), (loss_b, grad_b) = (_loss_and_grad(phi, loss_fn, z, True, params)
+                                          for params in ((), tuple(phi.parameters())))
+    torch.testing.assert_close(grad_b, grad_a, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="wrt_params"):
+        attack(phi, x, loss_fn, eps=EPS, n_iter=2, wrt_params=[torch.zeros(3)])
 
 
 def test_works_when_called_under_no_grad(task) -> None:

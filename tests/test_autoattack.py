@@ -12,17 +12,8 @@ from advft.attacks import robust_correct
 from advft.evaluate import evaluate
 from conftest import require_or_skip
 
-pytestmark = pytest.mark.autoattack
+pytestmark = [pytest.mark.autoattack, pytest.mark.usefixtures("one_torch_thread")]
 EPS = 8 / 255
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Thousands of tiny ops: one thread, so that a busy machine does not stall them at every thread barrier."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _need() -> None:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -20,7 +21,6 @@ from advft.distributed import autocast
 from advft.models import build_encoder
 from advft.fare import build_optimizer
 from benchmarks.baseline import baseline_apgd
-from benchmarks.throughput import full_backward_attack, separate_forwards
 
 CPU = torch.device("cpu")
 
@@ -103,24 +103,36 @@ def test_baseline_attack_finds_the_same_batch_as_advft() -> None:
 
 
 def test_ablation_switches_change_cost_not_result() -> None:
+    """FareSpec's routes (what ``benchmarks/throughput.py --ablate`` flips) do the costlier work they name and
+    compute the same attack and the same step."""
     cfg, m, _ = _tiny_setup(bn="eval")  # eval BN: two forwards then see the same statistics as one
     x, y = _batch()
     with torch.no_grad():
         target = m.phi_org(x)
-    engine = (S.frozen, S.training_loss)
-    z = S.adversarial_batch(m, x, y, target, 0, S.FareSpec.of(cfg))
-    with full_backward_attack(m.phi):
-        assert S.frozen is not engine[0]
-        z_full = S.adversarial_batch(m, x, y, target, 0, S.FareSpec.of(cfg))
+    spec = S.FareSpec.of(cfg)
+    assert (spec.attack_grads, spec.join_forwards) == ("input", True)  # the engine's defaults
+    param_grads = {"n": 0}
+    hooks = [p.register_hook(lambda g: param_grads.update(n=param_grads["n"] + 1)) for p in m.phi.parameters()]
+    z = S.adversarial_batch(m, x, y, target, 0, spec)
+    assert param_grads["n"] == 0  # frozen: input gradients only
+    z_full = S.adversarial_batch(m, x, y, target, 0, dataclasses.replace(spec, attack_grads="full_backward"))
+    assert param_grads["n"] > 0  # the parameters' gradients were computed as well
+    for h in hooks:
+        h.remove()
+    assert not torch.equal(z, x)
     torch.testing.assert_close(z_full, z, rtol=0, atol=1e-6)
-    assert all(p.grad is None for p in m.phi.parameters())
-    w = S.resolve_weights("fare", cfg.loss.alpha)
-    one = S.training_loss("fare", m.phi, z, x, target, w, joint=True)
-    with separate_forwards():
-        two = S.training_loss("fare", m.phi, z, x, target, w, joint=True)
+    assert all(p.grad is None and p.requires_grad for p in m.phi.parameters())
+
+    batches: list[int] = []
+    steps = {}
+    for join in (True, False):
+        _, m2, opt = _tiny_setup(bn="eval")
+        m2.phi.register_forward_hook(lambda mod, inp, out: batches.append(inp[0].shape[0]))
+        batches.clear()
+        steps[join] = S.fare_step(m2, opt, x, y, 0, dataclasses.replace(spec, join_forwards=join))
+        assert (2 * x.shape[0] in batches) == join, batches  # one forward of [z; x], or two of x's size
     for k in ("loss", "adv_loss", "clean_loss"):
-        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6)
-    assert (S.frozen, S.training_loss) == engine  # the patches are undone
+        torch.testing.assert_close(steps[False][k], steps[True][k], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

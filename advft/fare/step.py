@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Literal
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +39,11 @@ class FareSpec:
     bn_train: bool  # BatchNorm in train mode for the training forward
     channels_last: bool
     precision: str  # fp32 | bf16 (resolved, never auto)
+    # Not from the config: the same step by a costlier route, which the benchmarks time against the default.
+    # "input": phi frozen, the attack takes input gradients only | "full_backward": phi trainable, every attack
+    # gradient also computes (and drops) phi's parameter gradients, as a plain backward() would
+    attack_grads: Literal["input", "full_backward"] = "input"
+    join_forwards: bool = True  # phi(z), phi(x) as one forward of [z; x] where BN is in eval mode | always two
 
     @classmethod
     def of(cls, cfg, precision: str | None = None) -> "FareSpec":
@@ -104,21 +109,24 @@ def adversarial_batch(m: StepModels, x: Tensor, y: Tensor, target: Tensor, step:
 
     It maximises the objective of the run's loss (:func:`advft.losses.attack_objective`), or the fixed
     head's cross-entropy with ``objective = "ce_head"``. phi goes through ``m.phi_fn`` (never DDP), in eval
-    mode, with its parameters frozen and under the run's autocast; its train/eval flag is restored afterwards. ``target`` = phi_org(x) in float32. Separate from
+    mode, with its parameters frozen (unless ``spec.attack_grads = "full_backward"``) and under the run's autocast;
+    its train/eval flag is restored afterwards. ``target`` = phi_org(x) in float32. Separate from
     :func:`fare_step` so that the benchmarks time exactly the attack the step runs.
     """
     init = attack_init(spec.seed, step, torch.Size((spec.global_batch, *x.shape[1:])), rank, world, x.device)
     attack = apgd if spec.attack == "apgd" else pgd
     was_training = m.phi.training
     m.phi.eval()  # the attack never updates BN statistics
-    with frozen(m.phi), autocast(x.device, spec.precision):
+    full = spec.attack_grads == "full_backward"
+    params = [p for p in m.phi.parameters() if p.requires_grad] if full else []
+    with contextlib.nullcontext() if full else frozen(m.phi), autocast(x.device, spec.precision):
         if spec.objective == "ce_head":
             head, phi_fn = m.head, m.phi_fn
             fwd = lambda z: head(phi_fn(z))  # noqa: E731
             loss_fn = ce_loss(y)
         else:  # inside: a loss that attacks from phi(x) computes it with the attack's view of phi
             fwd, loss_fn = m.phi_fn, attack_objective(spec.loss, m.phi_fn, x, target)
-        z = attack(fwd, x, loss_fn, eps=spec.eps, n_iter=spec.attack_steps, init=init)
+        z = attack(fwd, x, loss_fn, eps=spec.eps, n_iter=spec.attack_steps, init=init, wrt_params=params)
     m.phi.train(was_training)
     return z
 
@@ -141,7 +149,7 @@ def fare_step(m: StepModels, opt: torch.optim.Optimizer, x: Tensor, y: Tensor, s
     mf = torch.channels_last if spec.channels_last else torch.contiguous_format
     with autocast(device, spec.precision):
         out = training_loss(spec.loss, m.phi_ddp, z.contiguous(memory_format=mf), x, target, spec.weights,
-                            joint=not spec.bn_train)
+                            joint=spec.join_forwards and not spec.bn_train)
     out["loss"].backward()
     if spec.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(m.phi.parameters(), spec.grad_clip)

@@ -21,17 +21,16 @@ class PretrainModelConfig(Section):
 
 
 @dataclass(frozen=True)
-class PretrainOptimConfig(Section):
-    optimizer: Literal["adamw", "sgd"] = "adamw"  # sgd: with momentum; LARS is not provided
+class PretrainOptimConfig(C.OptimConfig):
+    """Fine-tuning's optimiser fields at pretraining's defaults, and SGD as a second choice; weight decay
+    skips the biases and BatchNorm weights here (:func:`advft.simclr.model.build_optimizer`)."""
+
     lr: float = ranged(1e-3, gt=0)  # PEAK lr, used as given (no automatic batch-size scaling)
-    weight_decay: float = ranged(1e-4, ge=0)  # not applied to biases and BatchNorm parameters
-    momentum: float = ranged(0.9, ge=0, lt=1)  # sgd only
     betas: tuple[float, float] = ranged((0.9, 0.999), ge=0, lt=1)  # adamw only
     warmup_steps: int = 500  # between 0 and steps (checked by validate)
     steps: int = ranged(10000, ge=1)
-    min_lr_ratio: float = ranged(0.0, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
-    fused: bool = True  # fused AdamW kernel where the device supports it
-    grad_clip: float = ranged(0.0, ge=0)  # 0 = off
+    optimizer: Literal["adamw", "sgd"] = "adamw"  # sgd: with momentum; LARS is not provided
+    momentum: float = ranged(0.9, ge=0, lt=1)  # sgd only
 
 
 @dataclass(frozen=True)

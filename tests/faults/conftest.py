@@ -1,8 +1,9 @@
 """Fixtures of the fault suite: one synthetic-data cache and one uninterrupted reference run per session."""
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -38,3 +39,26 @@ def one_thread():
     """Every trial runs with the thread count the reference ran with (see helpers.THREADS)."""
     with H.threads():
         yield
+
+
+@pytest.fixture
+def tmpfs(tmp_path) -> Iterator[Callable[[str], Path]]:
+    """``tmpfs(size)`` mounts a tmpfs of that size (e.g. "6m") under tmp_path; all are unmounted afterwards.
+    Mounting needs root: elsewhere the test is skipped (the simulated full-disk trials run everywhere)."""
+    mounted = []
+
+    def mount(size: str) -> Path:
+        mnt = tmp_path / f"fs-{size}"
+        mnt.mkdir()
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True,
+                           text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or 'not root'}); the simulated trials run")
+        mounted.append(mnt)
+        return mnt
+
+    try:
+        yield mount
+    finally:
+        for mnt in mounted:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)

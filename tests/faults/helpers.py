@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -77,6 +78,24 @@ def start_cli(args: list[str], log_dir: Path, env: dict[str, str] | None = None)
     out.close()
     err.close()
     return proc
+
+
+def usr1_when_held(sets: list[str], log_dir: Path, **hold_at: Any) -> tuple[int, str]:
+    """Run ``launch/train.py --stop-signals USR1`` held where ``hold_at`` says (:func:`faults.hold.environment`),
+    send SIGUSR1 once it waits there; its exit code and stderr."""
+    from faults import hold
+
+    held = log_dir / "hold"
+    proc = start_cli(["launch/train.py", *train_argv(sets, "--stop-signals", "USR1")], log_dir,
+                     child_env(**hold.environment(held, **hold_at)))
+    try:
+        hold.wait_held(held, alive=lambda: proc.poll() is None)
+        os.kill(proc.pid, signal.SIGUSR1)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return rc, (log_dir / "stderr.txt").read_text()
 
 
 def wait_for(probe: Callable[[], Any], what: str, timeout_s: float = 180.0, poll_s: float = 0.02) -> Any:

@@ -35,26 +35,6 @@ def check_failure(r, run_dir: Path, failed_step: int) -> tuple[bool, str, list[i
 
 
 @pytest.fixture
-def tmpfs(tmp_path):
-    """``tmpfs(size)`` mounts a tmpfs of that size (e.g. "6m") under tmp_path; all are unmounted afterwards."""
-    mounted = []
-
-    def mount(size: str) -> Path:
-        mnt = tmp_path / f"fs-{size}"
-        mnt.mkdir()
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True,
-                           text=True)
-        if r.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or 'not root'}); the simulated trial runs")
-        mounted.append(mnt)
-        return mnt
-
-    yield mount
-    for mnt in mounted:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
-@pytest.fixture
 def tiny_fs(tmpfs) -> Path:
     """6 MiB: room for the run's small files and ONE checkpoint (3.8 MB), not two."""
     return tmpfs("6m")

@@ -175,27 +175,6 @@ def test_dali_shard_writers_stopped_mid_shard(need_dali, tmp_path, how) -> None:
         _finish(proc)
 
 
-@pytest.fixture
-def tmpfs(tmp_path):
-    mounted = []
-
-    def mount(size: str) -> Path:
-        mnt = tmp_path / f"fs-{size}"
-        mnt.mkdir()
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True,
-                           text=True)
-        if r.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here ({r.stderr.strip() or 'not root'})")
-        mounted.append(mnt)
-        return mnt
-
-    try:
-        yield mount
-    finally:
-        for mnt in mounted:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
 def _full_disk_trial(trial: str, args: list[str], out: Path, logs: Path, simulated: bool = False) -> None:
     proc = _start([INJECT, "--enospc", "--", *args] if simulated else ["-m", "data_prep", *args], logs)
     try:

@@ -9,17 +9,14 @@ code 75.
 from __future__ import annotations
 
 import collections
-import os
 import random
 import re
-import signal
 
 import pytest
 
 from advft.engine import Interrupted
 from advft.fare import FareTask, finetune
 from faults import helpers as H
-from faults import hold
 from faults.record import record
 
 RNG = random.Random(H.SEED)
@@ -83,17 +80,7 @@ def test_requeue_at_a_step_resumes_bit_identical(stops, fault_run, reference, st
 def test_real_sigusr1_to_launch_train_exits_75_and_the_rerun_is_bit_identical(fault_run, reference, tmp_path):
     after = random.Random(H.SEED + 1).randint(2, 6)
     cfg, sets = fault_run("rq-usr1")
-    held = tmp_path / "hold"  # the run waits at its log step `after` until the signal has come (hold.py)
-    env = H.child_env(**hold.environment(held, poll=after))
-    proc = H.start_cli(["launch/train.py", *H.train_argv(sets, "--stop-signals", "USR1")], tmp_path / "log", env)
-    try:
-        hold.wait_held(held, alive=lambda: proc.poll() is None)
-        os.kill(proc.pid, signal.SIGUSR1)
-        rc = proc.wait(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    err = (tmp_path / "log" / "stderr.txt").read_text()
+    rc, err = H.usr1_when_held(sets, tmp_path / "log", poll=after)  # the run waits at its log step `after`
     m = re.search(r"interrupted: stopped at step (\d+) on request", err)
     stop = int(m.group(1)) if m else -1
     saved = H.newest_valid(cfg.run.dir)

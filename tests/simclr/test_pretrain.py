@@ -359,6 +359,15 @@ def test_jobs_load_and_validate(tmp_path):
     assert again == demo and again.hash() == demo.hash()
 
 
+def test_the_config_hash_and_keys_of_pretraining_are_those_of_earlier_releases():
+    # run folders are compared by the hash; the optim section shares fine-tuning's fields (same keys, same defaults)
+    assert P.PretrainConfig().hash() == "7069f972"
+    assert P.load_config(ROOT / "jobs" / "demo_pretrain.toml").hash() == "4a3428bf"
+    assert sorted(P.PretrainConfig().to_dict()["optim"]) == sorted(
+        ["optimizer", "lr", "weight_decay", "momentum", "betas", "warmup_steps", "steps", "min_lr_ratio", "fused",
+         "grad_clip"])
+
+
 def test_unknown_key_in_a_job_file_is_reported(tmp_path):
     job = tmp_path / "job.toml"
     job.write_text("[simclr]\ntemperatur = 0.2\n")
