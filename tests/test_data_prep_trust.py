@@ -250,6 +250,31 @@ def test_ffcv_links_count_each_real_file_once(need_ffcv, tmp_path) -> None:
     assert meta["num_samples"] == 8 and skipped == ["cat/loop"]
 
 
+def test_training_folder_loaders_read_the_files_data_prep_converts(tmp_path) -> None:
+    from advft.data.dali_loader import _scan_folder
+    from advft.data.datasets import build_dataset
+
+    src = _tree(tmp_path / "src", per_class=4)
+    split = src / "train"
+    (split / "cat" / "loop").symlink_to("..")
+    (split / "dog" / "same.jpg").symlink_to("0.jpg")
+    os.mkfifo(split / "dog" / "fifo.jpg")  # listed by name, decoding it would wait forever
+    ds = build_dataset("folder", str(src), "train", resolution=16)
+    folder = [Path(f).relative_to(split).as_posix() for f, _ in ds.samples]
+    _, dali, dali_labels = _scan_folder(split)
+    prep = resolve(src, "train")
+    same_files = folder == dali == prep.files and len(prep.files) == 8
+    same_labels = ds.labels.tolist() == dali_labels.tolist() == prep.labels.tolist()
+    record(LOOP, "the training loaders (folder dataset, DALI reading a folder): ln -s .. SRC/train/cat/loop, a "
+                 "second name of a file, a FIFO", f"folder dataset {len(folder)} samples, DALI's folder scan "
+           f"{len(dali)}, data_prep {len(prep.files)}", same_files and same_labels,
+           f"8 real images; the same files and labels as data_prep: {same_files and same_labels}")
+    assert len(folder) == 8, folder[:12]
+    assert folder == dali == prep.files
+    assert same_labels
+    assert ds[7][0].shape == (3, 16, 16)
+
+
 def test_special_files_are_never_opened(tmp_path) -> None:
     src = _tree(tmp_path / "src")
     cat = src / "train" / "cat"
