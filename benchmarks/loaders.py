@@ -154,7 +154,7 @@ def describe_tree(split_dir: Path, sample: int = 200) -> dict[str, Any]:
     """Image count, classes, and the mean file size and pixel size of up to ``sample`` images."""
     from PIL import Image
 
-    from data_prep.sources import IMAGE_EXTENSIONS
+    from advft.data.folder_scan import IMAGE_EXTENSIONS
 
     files = sorted(p for p in split_dir.rglob("*") if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS))
     picked = files[:: max(1, len(files) // sample)][:sample]

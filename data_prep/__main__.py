@@ -8,8 +8,9 @@ Examples
 
 Sources: symbolic links are followed (as torchvision's ImageFolder does), but each real folder and
 file is read once, so a link loop cannot multiply the data; only regular files are opened (a FIFO,
-socket or device named like an image is listed as skipped, with unreadable images). An output is
-kept on a rerun only if it was made with the same settings from the source as it is now.
+socket or device named like an image is listed as skipped, with unreadable images). The training
+loaders reading a folder (data.format=folder, DALI) apply the same rule: they read the files converted here.
+An output is kept on a rerun only if it was made with the same settings from the source as it is now.
 
 Exit status (every failure is one line on stderr, and leaves no temporary file, worker process or
 shared memory behind):

@@ -9,11 +9,9 @@ Layouts accepted (SRC is the command-line argument):
 Labels are the positions of the class folders in sorted order, as torchvision's ImageFolder assigns
 them, so a converted dataset has the same labels as the built-in folder loader.
 
-Links: symbolic links are followed (a class folder or an image may be a link, as in subsets built
-from links into a full copy), but every real folder is read once and every real file counted once:
-a link back up the tree, or a second link to a folder or file already read, is skipped and recorded
-in ``Source.excluded``. Only regular files are images: a FIFO, socket or device named ``x.jpg`` and
-a dangling link are never opened, only recorded there, like unreadable images.
+Which files of a folder are samples (links followed but every real folder read once and every real file
+counted once; only regular files opened) is ``advft.data.folder_scan``'s rule, the training loaders' too;
+what it skips is recorded in ``Source.excluded``, like unreadable images.
 
 ``Source.digest`` fingerprints the source as it is now (for folders every listed and excluded path
 with its size and mtime; for CIFAR-10 its batch files): an output records it, and a rerun whose
@@ -24,14 +22,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-# Extensions PIL decodes (torchvision's list); anything else in a class folder is ignored.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+from advft.data.folder_scan import IMAGE_EXTENSIONS, class_dirs, has_images, scan_split
+
 CIFAR_SPLITS = ("train", "test")
 
 
@@ -93,91 +90,13 @@ def _is_cifar_root(src: Path) -> Path | None:
     return None
 
 
-def _class_dirs(folder: Path) -> list[str]:
-    return sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
-
-
-def _is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
-
-
-def _has_images(folder: Path) -> bool:
-    return any(e.is_file() and _is_image_name(e.name) for e in os.scandir(folder))
-
-
-def _file_id(st: os.stat_result) -> tuple[int, int]:
-    return st.st_dev, st.st_ino
-
-
-class _Scan:
-    """One pass over the class folders of a split; see the module docstring for links and special files."""
-
-    def __init__(self, split_dir: Path, classes: list[str]) -> None:
-        self.split_dir = split_dir
-        # Each class root belongs to its class: a link into another class is not read twice.
-        self.seen_dirs = {_file_id(os.stat(split_dir)): "the split folder",
-                          **{_file_id(os.stat(split_dir / c)): c for c in classes}}
-        self.seen_files: dict[tuple[int, int], str] = {}
-        self.excluded: list[dict[str, str]] = []
-        self.lines: list[str] = []  # what the digest covers
-
-    def _exclude(self, rel: str, why: str) -> None:
-        self.excluded.append({"path": rel, "error": why})
-        self.lines.append(f"x\t{rel}\t{why}")
-
-    def files_of(self, name: str) -> list[str]:
-        found: list[str] = []
-        # Walk below the class folder too: some trees nest images one level deeper.
-        for dirpath, dirnames, filenames in os.walk(self.split_dir / name, followlinks=True):
-            rel = Path(dirpath).relative_to(self.split_dir).as_posix()
-            keep = []
-            for d in sorted(dirnames):
-                try:
-                    st = os.stat(os.path.join(dirpath, d))
-                except OSError:
-                    continue  # vanished since the listing
-                first = self.seen_dirs.setdefault(_file_id(st), f"{rel}/{d}")
-                if first == f"{rel}/{d}":
-                    keep.append(d)
-                elif not d.startswith("."):
-                    self._exclude(f"{rel}/{d}", f"folder already read as {first} (a link); read once")
-            dirnames[:] = keep
-            for f in sorted(filenames):
-                if _is_image_name(f):
-                    found += self._regular_file(f"{rel}/{f}")
-        return found
-
-    def _regular_file(self, rel: str) -> list[str]:
-        try:
-            st = os.stat(self.split_dir / rel)
-        except OSError as e:
-            self._exclude(rel, f"cannot be read: {e.strerror} (a dangling link?)")
-            return []
-        if not stat.S_ISREG(st.st_mode):
-            self._exclude(rel, "not a regular file (FIFO, socket or device); never opened")
-            return []
-        first = self.seen_files.setdefault(_file_id(st), rel)
-        if first != rel:
-            self._exclude(rel, f"same file as {first} (a link); counted once")
-            return []
-        self.lines.append(f"f\t{rel}\t{st.st_size}\t{st.st_mtime_ns}")
-        return [rel]
-
-
 def _scan_folder(split_dir: Path, split: str) -> Source:
-    classes = _class_dirs(split_dir)
-    scan = _Scan(split_dir, classes)
-    files: list[str] = []
-    labels: list[int] = []
-    for label, name in enumerate(classes):
-        found = scan.files_of(name)
-        files += found
-        labels += [label] * len(found)
-    if not files:
+    scan = scan_split(split_dir)
+    if not scan.files:
         raise PrepError(f"no images under {split_dir}/<class>/ (extensions {', '.join(IMAGE_EXTENSIONS)})")
-    digest = _digest([f"c\t{c}" for c in classes] + scan.lines)
-    return Source("folder", split_dir, split, classes, np.asarray(labels, dtype=np.int64), files,
-                  excluded=scan.excluded, digest=digest)
+    digest = _digest([f"c\t{c}" for c in scan.classes] + scan.lines)
+    return Source("folder", split_dir, split, scan.classes, scan.labels, scan.files, excluded=scan.excluded,
+                  digest=digest)
 
 
 def _digest(lines: list[str]) -> str:
@@ -212,8 +131,8 @@ def resolve(src: str | os.PathLike, split: str) -> Source:
         return _load_cifar(cifar, split)
     if (path / split).is_dir():
         return _scan_folder(path / split, split)
-    classes = _class_dirs(path)
-    if classes and any(_has_images(path / c) for c in classes):
+    classes = class_dirs(path)
+    if classes and any(has_images(path / c) for c in classes):
         return _scan_folder(path, split)
     raise PrepError(
         f"cannot read {path} as a dataset: expected {path}/{split}/<class>/<image>, "

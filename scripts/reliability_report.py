@@ -6,7 +6,9 @@
     python scripts/reliability_report.py --no-run --results R.jsonl --junit J.xml   # re-render only
 
 The suite is ``tests/faults/`` (requeue signals, SIGKILL, damaged checkpoints, NaN, full disk, concurrent
-sweeps, data_prep writer faults), ``tests/test_bad_input.py`` and ``tests/test_security.py``. Each trial appends one JSON record to
+sweeps, data_prep writer faults), ``tests/test_data_prep_trust.py`` (data_prep outputs trusted only when right,
+link loops, special files, unwritable outputs, alpha channels), ``tests/test_run_files.py`` (damaged run files,
+smaller lies), ``tests/test_bad_input.py`` and ``tests/test_security.py``. Each trial appends one JSON record to
 ``$ADVFT_RELIABILITY_OUT`` (tests/faults/record.py): fault, trial, what happened, whether nothing was lost,
 detail. This script sets that variable to a fresh file, runs pytest with a JUnit report next to it, and
 renders both: the summary (``--out``: one row per fault, trials, outcome, "lost: nothing" or what was lost,
@@ -34,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-SUITE = ["tests/faults", "tests/test_bad_input.py", "tests/test_security.py"]
+SUITE = ["tests/faults", "tests/test_data_prep_trust.py", "tests/test_run_files.py", "tests/test_bad_input.py",
+         "tests/test_security.py"]
 ENV = "ADVFT_RELIABILITY_OUT"
 REGENERATE = ".venv/bin/python scripts/reliability_report.py"
 
@@ -55,7 +58,34 @@ CHECKS = {
                                              "sweep.json and every checkpoint valid, results bit-identical",
     "data_prep writer fault": "SIGINT/SIGTERM/SIGKILL while an FFCV worker writes (held there), a full disk under "
                               "ffcv and dali: one line and exit 130/143/4 (SIGKILL: -9), no process of the command "
-                              "left, shared memory freed, no temporary file (after SIGKILL: removed by the next run)",
+                              "left, shared memory freed, no temporary file (after SIGKILL: removed by the next run, "
+                              "which removes only temporary files of dead writers on this host)",
+    "data_prep output trusted only when right": "done = written, verified when asked, made from the source as it is "
+                                                "now: a failed --verify leaves no sidecar and the rerun rebuilds; a "
+                                                "rerun with --verify reads the output back and fails with one line "
+                                                "on damage of the same size (.beton bytes, a label in the DALI "
+                                                "list), then rebuilds; images added, removed or changed make ffcv "
+                                                "and dali rebuild",
+    "symlink loop in the source": "a link back up the tree (ln -s .. SRC/train/cat/loop), to another class or to a "
+                                  "file already read: each real folder read once, each real file counted once, the "
+                                  "links recorded as skipped; ffcv (--verify), dali and the training loaders (folder "
+                                  "dataset, DALI reading a folder) hold the real images only, the same files",
+    "special files in the source": "a FIFO, a socket, a link to /dev/zero and a dangling link named *.jpg: never "
+                                   "opened (no hang), recorded as skipped; the conversion finishes with the regular "
+                                   "images",
+    "unwritable output": "an output folder on a read-only file system: exit 2 with one line naming it, before the "
+                         "source is read (ffcv, dali); /proc, a parent that is a file and a .beton that is a folder "
+                         "are rows of 'bad input: python -m data_prep'",
+    "alpha channel": "an RGBA PNG (alpha 0..255) is stored, verified and read as PIL's convert('RGB') gives it "
+                     "(alpha dropped, pixels bit-identical): ffcv raw and jpg with --verify, dali with --verify, "
+                     "DALI's decoder, the folder loader",
+    "damaged run files": "results.json not a JSON object, a metrics.jsonl line not an object, a torn last line: a "
+                         "warning naming the file and line, no traceback; launch/train.py and launch/pretrain.py "
+                         "resume from their checkpoints and finish; the report reads the rest and does not show "
+                         "the damaged run as finished",
+    "smaller lies": "a truncated encoder.pt is made again bit-identical (not 'already finished'); NaN/Inf final "
+                    "accuracies are reported as failed; a NaN base encoder exits 3 without promising a checkpoint "
+                    "to resume from; a FIFO as model.checkpoint is 'not a regular file'",
     "security": "checkpoints only via weights_only=True; malicious pickles refused without running; no planted "
                 "secret in any file or log; hostile names refused",
 }
@@ -181,8 +211,9 @@ def _head(records: list[dict[str, Any]], junit: dict[str, Any], meta: dict[str, 
         "data, CPU, one thread per process) and compares the end state with an uninterrupted run of the same config: "
         "*lost: nothing* means final weights AND optimizer state bit-identical (`torch.equal`), every training step "
         "logged exactly once with the reference's values, and no leftover file. For bad input it means exit 2, one "
-        "line on stderr naming the key/path/value, no traceback, and the runs and output folders untouched. Random "
-        "choices (steps, kill moments, damaged bytes) come from a fixed seed and are listed per trial.",
+        "line on stderr naming the key/path/value, no traceback, and the runs and output folders untouched. For the "
+        "data_prep and run-file families it means every check of the family's row held, as observed in the trial. "
+        "Random choices (steps, kill moments, damaged bytes) come from a fixed seed and are listed per trial.",
         "",
         "## Summary",
         "",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -79,3 +80,33 @@ def test_the_committed_summary_agrees_with_the_full_report() -> None:
 
     assert head(summary) == head(full)
     assert "[docs/reliability.md](docs/reliability.md)" in summary
+
+
+def test_every_family_of_the_suite_has_its_contract_and_rows_follow_its_order(tmp_path: Path) -> None:
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import reliability_report as R
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    # The families the suite's tests record (a family without a contract would render an empty cell).
+    recorded = set()
+    for f in ROOT.joinpath("tests").rglob("*.py"):
+        for m in re.finditer(r'^(?:FAULT|TRUSTED|LOOP|DAMAGED|LIES) = "([^"]+)"|record\("([^"{]+)"', f.read_text(),
+                             re.M):
+            recorded.add(m.group(1) or m.group(2))
+    assert {"symlink loop in the source", "smaller lies"} <= recorded and recorded <= set(R.CHECKS), \
+        recorded - set(R.CHECKS)
+    families = ["smaller lies", "symlink loop in the source", "SIGKILL"]  # not in the order of CHECKS
+    results, junit = tmp_path / "r.jsonl", tmp_path / "j.xml"
+    results.write_text("".join(json.dumps({"fault": f, "trial": "t", "happened": "h", "nothing_lost": True}) + "\n"
+                               for f in families))
+    junit.write_text(JUNIT.format(failures=0, failure=""))
+    out, full = tmp_path / "RELIABILITY.md", tmp_path / "reliability.md"
+    done = subprocess.run([sys.executable, str(SCRIPT), "--no-run", "--results", str(results), "--junit", str(junit),
+                           "--out", str(out), "--full", str(full)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = [line.split(" | ")[0].lstrip("| ") for line in out.read_text().splitlines() if line.startswith("| ")]
+    assert rows[1:] == sorted(families, key=list(R.CHECKS).index)
+    for f in families:
+        assert f"| {f} | 1 | {R.CHECKS[f]} | 1/1 as checked | nothing |" in out.read_text()
+        assert f"### {f}\n\nChecks: {R.CHECKS[f]}" in full.read_text()

@@ -115,16 +115,17 @@ def _read_file_list(path: Path) -> tuple[str, list[str], np.ndarray]:
 
 
 def _scan_folder(root: Path) -> tuple[str, list[str], np.ndarray]:
-    """(root, relative paths, labels) of an ImageFolder split folder, labelled as torchvision does."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+    """(root, relative paths, labels) of an ImageFolder split folder: the files ``python -m data_prep dali``
+    would list (``folder_scan``: sorted class folders, each real folder and file once, regular files only)."""
+    from advft.data.folder_scan import IMAGE_EXTENSIONS, scan_split
 
     try:
-        _, class_to_idx = find_classes(str(root))
-        samples = make_dataset(str(root), class_to_idx, extensions=IMG_EXTENSIONS)
-    except FileNotFoundError as e:
-        raise DataError(f"no images under {root}/<class>/ ({e})") from e
-    files = [os.path.relpath(p, root) for p, _ in samples]
-    return str(root), files, np.asarray([y for _, y in samples], dtype=np.int64)
+        scan = scan_split(root)
+    except OSError as e:
+        raise DataError(f"cannot read the image folder {root}: {e.strerror}") from e
+    if not scan.files:
+        raise DataError(f"no images under {root}/<class>/ (extensions {', '.join(IMAGE_EXTENSIONS)})")
+    return str(root), scan.files, scan.labels
 
 
 def _shards(folder: Path) -> tuple[list[str], list[str], int]:

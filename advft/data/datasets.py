@@ -22,6 +22,7 @@ Formats
 from __future__ import annotations
 
 import codecs
+import logging
 import os
 import pickle
 from pathlib import Path
@@ -34,6 +35,7 @@ from torch.utils.data import Dataset
 
 from advft.data.digits import SPLITS as DIGITS_SPLITS
 from advft.data.digits import Digits
+from advft.data.folder_scan import IMAGE_EXTENSIONS, scan_split
 from advft.data.synthetic import SPLITS as SYNTHETIC_SPLITS
 from advft.data.synthetic import SyntheticShapes
 from advft.data.transforms import center_crop, resize
@@ -42,6 +44,7 @@ FORMATS_BUILTIN = ("synthetic", "digits", "cifar10", "folder")
 CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR10_DIR = "cifar-10-batches-py"
 CIFAR10_SPLITS = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -135,11 +138,11 @@ def _decode_rgb(path: str) -> Image.Image:
 
 
 class ImageFolderDataset(Dataset):
-    """``<root>/<split>/<class>/<image>`` (ImageNet layout); labels are the sorted class folders."""
+    """``<root>/<split>/<class>/<image>`` (ImageNet layout); labels are the sorted class folders. The files
+    are those ``python -m data_prep`` converts (``folder_scan``: each real folder and file once, so a link
+    loop cannot multiply the data; only regular files)."""
 
     def __init__(self, root: str | os.PathLike, split: str, *, resolution: int) -> None:
-        from torchvision.datasets import ImageFolder  # scanning only; decoding is ours
-
         root = Path(root)
         if not root.is_dir():
             raise DataError(f"image folder {root} does not exist; expected the layout {root}/<split>/<class>/<image>")
@@ -147,14 +150,17 @@ class ImageFolderDataset(Dataset):
         if not split_dir.is_dir():
             present = sorted(p.name for p in root.iterdir() if p.is_dir())
             raise DataError(f"split folder {split_dir} does not exist; folders under {root}: {present or 'none'}")
-        try:
-            scan = ImageFolder(str(split_dir), loader=_decode_rgb)
-        except FileNotFoundError as e:  # no class folders, or no file with an image extension
-            raise DataError(f"no images under {split_dir}/<class>/ (torchvision: {e})") from e
+        scan = scan_split(split_dir)
+        if not scan.files:
+            raise DataError(f"no images under {split_dir}/<class>/ (extensions {', '.join(IMAGE_EXTENSIONS)})")
+        if scan.excluded:
+            first = scan.excluded[0]
+            log.warning("%s: %d entries skipped (links to what was already read, special files), e.g. %s: %s",
+                        split_dir, len(scan.excluded), first["path"], first["error"])
         self.root = split_dir
-        self.classes: list[str] = list(scan.classes)
-        self.samples: list[tuple[str, int]] = list(scan.samples)
-        self.labels = np.asarray([label for _, label in self.samples], dtype=np.int64)
+        self.classes: list[str] = scan.classes
+        self.samples: list[tuple[str, int]] = [(str(split_dir / f), int(y)) for f, y in zip(scan.files, scan.labels)]
+        self.labels = scan.labels
         self.resolution = resolution
 
     def __len__(self) -> int:
