@@ -143,3 +143,18 @@ def test_the_second_radius_of_the_final_evaluation_is_a_column_of_the_loss_table
     assert fare0.endswith("-> 60.0 [53.1, 66.5] (n=200) | finished |")
     assert ("Final robust accuracy at 16/255, lr = 0.0001, over 2 (loss, weight) points: from 20.0 % (`deacl β=2`) "
             "to 60.0 % (`fare α=0`)") in table
+
+
+def test_figures_of_an_earlier_layout_do_not_outlive_it(tmp_path: Path) -> None:
+    """A one-loss sweep that gains a second loss: its old un-prefixed per-alpha figures go, REPORT.md's stay."""
+    d = tmp_path / "runs" / "grows"
+    make_run(d, "alpha=0-aaaa0000", 0.0, 1e-4, 0, "finished", 70.0, 40.0)
+    R.write_report(d)
+    assert (d / "figures" / "accuracy_by_alpha.png").is_file()
+    make_run(d, "loss=trades-bbbb0000", 0.1, 1e-4, 0, "finished", 50.0, 10.0)
+    cfg = d / "loss=trades-bbbb0000" / "config.toml"
+    cfg.write_text(cfg.read_text().replace("[loss]\nalpha = 0.1\n", '[loss]\nname = "trades"\nbeta = 1.0\n'))
+    md = R.write_report(d).read_text()
+    names = {p.name for p in (d / "figures").iterdir()}
+    assert "accuracy_by_alpha.png" not in names and "fare_accuracy_by_alpha.png" in names
+    assert all(f"figures/{n}" in md for n in names)

@@ -41,12 +41,14 @@ __all__ = ["FIG_DIR", "REPORT_MD", "STATUSES", "Point", "ReportError", "Run", "S
 
 
 def write_report(sweep_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None) -> Path:
-    """Load the sweep, write ``<out_dir>/figures/*.png`` and ``<out_dir>/REPORT.md`` (out_dir defaults to the
-    sweep folder); return REPORT.md's path. Works offline; raises ReportError for a folder that is no sweep."""
+    """Load the sweep, write ``<out_dir>/figures/*.png`` (removing PNGs there that this report no longer draws)
+    and ``<out_dir>/REPORT.md`` (out_dir defaults to the sweep folder); return REPORT.md's path. Works offline; raises ReportError for a folder that is no sweep."""
     sweep = load_sweep(sweep_dir)
     out = Path(out_dir) if out_dir is not None else sweep.dir
     out.mkdir(parents=True, exist_ok=True)
     figures = render_figures(sweep, out / FIG_DIR)
+    for stale in set((out / FIG_DIR).glob("*.png")) - set(figures):  # a layout the sweep no longer has
+        stale.unlink(missing_ok=True)
     path = out / REPORT_MD
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(render_markdown(sweep, figures, out))
