@@ -411,7 +411,9 @@ def test_local_time_limit_requeues_and_the_finished_run_is_bit_identical(tmp_pat
         wait_for(lambda: job.state != "RUNNING", "the cancelled job to end", timeout_s=60)
     monkeypatch.delenv(hold.ENV)
     stop = restarted[0]["resume_step"]
-    assert stop == 2 and stop in [s for s, _ in ckpt.list_checkpoints(run)]  # the held log step
+    # the held log step; the restart resumed from its checkpoint (which the restart may since have rotated out:
+    # it trains on until the cancel, so the checkpoint list depends on the machine's speed)
+    assert stop == 2
     out, err = job.stdout(), job.stderr()
     assert "timed-out" in out and "Requeued job" in out  # submitit's handler ran, after the checkpoint
     assert f"stopped at step {stop} on request" in err and "(signals: SIGUSR2)" in err
