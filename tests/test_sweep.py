@@ -432,8 +432,14 @@ def submit_and_hold(capsys, slurm, argv: list[str], sweep_dir: Path, held: Path)
     rc, out, err = run_main(capsys, argv)
     assert rc == 0, out + err
     name, entry = only_run(sweep_dir)
-    hold.wait_held(held)
+    hold.wait_held(held, alive=lambda: in_queue(entry["job_id"]))
     return name, entry["job_id"], sweep_dir / name
+
+
+def in_queue(job_id: str) -> bool:
+    """Whether SLURM still lists the job as pending, running or requeued (a job that died has left the queue)."""
+    p = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
+    return p.returncode == 0 and bool(p.stdout.strip())
 
 
 @pytest.mark.slurm
@@ -509,12 +515,14 @@ def test_slurm_interrupt_and_partition_preemption_requeue_and_the_run_ends_bit_i
 @pytest.mark.slurm
 def test_slurm_time_limit_signals_the_run_which_checkpoints_requeues_and_resumes(slurm, tmp_path, base_encoder,
                                                                                 cache, capsys, monkeypatch):
-    # a 1-minute limit with the profile's 30 s signal delay: SLURM checks limits every 30 s, so USR2 comes
-    # 30 to 60 s into each start; the first start waits for it at its first log step (tests/faults/hold.py)
+    # a 2-minute limit with the profile's 30 s signal delay: USR2 is due 90 s into each start, and sbatch(1)
+    # says it "may be sent up to 60 seconds earlier", so it comes 30 to 90 s in, after Python set its handler
+    # (with a 1-minute limit it once came at the start and killed the task). The first start waits for it at
+    # its first log step (tests/faults/hold.py)
     held = tmp_path / "hold"
     for k, v in hold.environment(held).items():
         monkeypatch.setenv(k, v)
-    argv = args_for(tmp_path, base_encoder, cache, "--cluster", "slurm", "--name", "limit", "--timeout-min", "1",
+    argv = args_for(tmp_path, base_encoder, cache, "--cluster", "slurm", "--name", "limit", "--timeout-min", "2",
                     sets=LONG)
     name, job_id, run = submit_and_hold(capsys, slurm, argv, tmp_path / "limit", held)
     seen = wait_for(lambda: starts(run)[1:], "the requeued start", timeout_s=240)
