@@ -51,6 +51,13 @@ def partition_nodes(env: dict[str, str], partition: str) -> int:
     return sum(int(n) for n in out if n.isdigit())
 
 
+def in_queue(job_id: str, env: dict[str, str] | None = None) -> bool:
+    """Whether SLURM still lists the job as pending, running or requeued (a job that died has left the queue)."""
+    p = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], env=env, capture_output=True, text=True,
+                       timeout=30)
+    return p.returncode == 0 and bool(p.stdout.strip())
+
+
 def sacct(env: dict[str, str], job_id: str, fields: str = "State", *, every_start: bool = False) -> list[str]:
     """One sacct reading: a line per allocation (-X) of ``job_id``; ``every_start`` (-D) also lists the
     runs before a requeue, oldest first. A State is cut to its first word ("CANCELLED by 0")."""

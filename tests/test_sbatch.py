@@ -21,7 +21,7 @@ import torch
 from advft import checkpoint as ckpt
 from conftest import require_or_skip, wait_for
 from faults import hold
-from slurm_util import HOW, node_cpus, partition_nodes, slurm_env, wait_sacct
+from slurm_util import HOW, in_queue, node_cpus, partition_nodes, slurm_env, wait_sacct
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ["slurm/cifar10.sbatch", "slurm/imagenet.sbatch"]
@@ -50,6 +50,22 @@ def _records(run: Path, kind: str) -> list[dict]:
     return [r for r in map(json.loads, path.read_text().splitlines()) if r["kind"] == kind]
 
 
+def usr1_when_held_then_finished(env: dict[str, str], sbatch_out: str, held: Path, run: Path, log: Path) -> str:
+    """The submitted job (sbatch --parsable's output): once its run is held at its first log step, do what
+    SLURM does N seconds before the time limit (#SBATCH --signal=B:USR1@N), signal the batch shell; then wait
+    until the run finished and the batch script ended. The job is cancelled whatever happens; returns its id."""
+    job = sbatch_out.strip().split(";")[0]
+    try:
+        hold.wait_held(held, alive=lambda: in_queue(job, env))
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, check=True, timeout=30)
+        wait_for(lambda: (run / "results.json").is_file()
+                 and json.loads((run / "results.json").read_text())["status"] == "finished", "the run to finish")
+        wait_for(lambda: "srun ended with status 0" in log.read_text(), "the batch script to end", timeout_s=60)
+    finally:
+        subprocess.run(["scancel", job], env=env, capture_output=True, timeout=30)
+    return job
+
+
 @pytest.mark.slurm
 def test_cifar10_sbatch_trains_two_gloo_ranks_through_srun_and_requeues_itself_on_its_signal(
         tmp_path, base_encoder):
@@ -72,16 +88,7 @@ def test_cifar10_sbatch_trains_two_gloo_ranks_through_srun_and_requeues_itself_o
          "slurm/cifar10.sbatch", "tests/assets/test_tiny.toml", *(x for s in sets for x in ("--set", s))],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert submit.returncode == 0, submit.stderr
-    job = submit.stdout.strip().split(";")[0]
-    try:
-        hold.wait_held(held)
-        # what SLURM does N seconds before the time limit (#SBATCH --signal=B:USR1@N): signal the batch shell
-        subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, check=True, timeout=30)
-        wait_for(lambda: (run / "results.json").is_file()
-                  and json.loads((run / "results.json").read_text())["status"] == "finished", "the run to finish")
-        wait_for(lambda: "srun ended with status 0" in log.read_text(), "the batch script to end", timeout_s=60)
-    finally:
-        subprocess.run(["scancel", job], env=env, capture_output=True, timeout=30)
+    job = usr1_when_held_then_finished(env, submit.stdout, held, run, log)
     text = log.read_text()
     assert "2 process(es)" in text and "CPU/gloo" in text
     # srun passed the job's CPUs on: the node's task (and its two ranks) may use them all, not one core
@@ -119,16 +126,8 @@ def test_imagenet_sbatch_runs_one_rank_per_node_on_two_nodes_requeues_and_equals
          "tests/assets/test_tiny.toml", *(x for s in sets for x in ("--set", s))],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert submit.returncode == 0, submit.stderr
-    job = submit.stdout.strip().split(";")[0]
-    try:
-        hold.wait_held(held)  # rank 0 (on n1) at step 1, rank 1 (on n2) waiting for it in the stop all-reduce
-        # what SLURM does N seconds before the time limit (#SBATCH --signal=B:USR1@N): signal the batch shell
-        subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=env, check=True, timeout=30)
-        wait_for(lambda: (run / "results.json").is_file()
-                  and json.loads((run / "results.json").read_text())["status"] == "finished", "the run to finish")
-        wait_for(lambda: "srun ended with status 0" in log.read_text(), "the batch script to end", timeout_s=60)
-    finally:
-        subprocess.run(["scancel", job], env=env, capture_output=True, timeout=30)
+    # held: rank 0 (on n1) at step 1, rank 1 (on n2) waiting for it in the stop all-reduce
+    job = usr1_when_held_then_finished(env, submit.stdout, held, run, log)
     text = log.read_text()
     # the head is n1, reached at its NodeAddr; each start ran one rank on each node, with the CPU it asked for
     assert "on 2 node(s) x 1 process(es), head n1 (127.0.0.1):" in text, text[-3000:]

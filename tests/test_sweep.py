@@ -27,7 +27,7 @@ from advft import config as C
 from advft.fare import finetune
 from conftest import TINY_JOB, wait_for
 from faults import hold
-from slurm_util import wait_sacct
+from slurm_util import in_queue, wait_sacct
 from launch.sweeper import grid as G
 from launch import report as REPORT
 from launch import sweep as S
@@ -435,11 +435,6 @@ def submit_and_hold(capsys, slurm, argv: list[str], sweep_dir: Path, held: Path)
     hold.wait_held(held, alive=lambda: in_queue(entry["job_id"]))
     return name, entry["job_id"], sweep_dir / name
 
-
-def in_queue(job_id: str) -> bool:
-    """Whether SLURM still lists the job as pending, running or requeued (a job that died has left the queue)."""
-    p = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, timeout=30)
-    return p.returncode == 0 and bool(p.stdout.strip())
 
 
 @pytest.mark.slurm

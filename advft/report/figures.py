@@ -155,11 +155,6 @@ def _err(st: Stat) -> list[list[float]]:
     return [[st.mean - st.lo], [st.hi - st.mean]]  # type: ignore[operator]
 
 
-def _weight(p: Point) -> str:
-    """The weight written next to a trade-off marker: α for fare/cosine, β for trades/deacl."""
-    return f"α={num(p.alpha)}" if p.alpha is not None else f"β={num(p.beta)}" if p.beta is not None else p.loss
-
-
 def tradeoff_series(points: Sequence[Point]) -> list[tuple[str, Any, str, list[Point]]]:
     """The trade-off figure's series: (legend label, colour key, marker, finished points ordered by weight),
     one per (loss, lr). Coloured by lr (label ``lr=...``) when the points share one loss, else by loss (label
@@ -196,7 +191,7 @@ def plot_tradeoff(points: Sequence[Point], path: Path) -> Path | None:
         for p, c, r in c_r:
             ax.errorbar([c.mean], [r.mean], xerr=_err(c), yerr=_err(r), marker=marker, color=colours[key],
                         capsize=3, linestyle="none")
-            ax.annotate(_weight(p), (c.mean, r.mean), textcoords="offset points", xytext=(5, 5), fontsize=8,
+            ax.annotate(p.weight() or p.loss, (c.mean, r.mean), textcoords="offset points", xytext=(5, 5), fontsize=8,
                         color=colours[key])
         ax.plot([c.mean for _, c, _ in c_r], [r.mean for _, _, r in c_r], color=colours[key], alpha=0.4,
                 marker=marker, label=label)

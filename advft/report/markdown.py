@@ -13,6 +13,7 @@ from advft.report.runs import STATUSES, Run, Sweep, fmt_value
 from advft.report.stats import Point, Stat, aggregate, apart, reads, stat
 
 ACC_KEYS = (("clean_acc", "clean accuracy (%)"), ("robust_acc", "robust accuracy (%)"))
+EXTRA_KEY = "robust_acc_eps_extra"  # robust accuracy at the final evaluation's second radius
 
 
 def num(v: float | None) -> str:
@@ -169,12 +170,10 @@ def _acc_pair(d: Mapping[str, Any]) -> str:
     return " / ".join(parts) + (f" (n={n})" if n is not None else "")
 
 
-def _extra_eps(points: Sequence[Point]) -> tuple[str, str] | None:
-    """The final evaluation's second radius (eval.final_eps_extra), as an accuracy key, when the runs have it."""
-    eps = {fmt_value(r.final.get("eps_extra")) for p in points for r in p.runs if "robust_acc_eps_extra" in r.final}
-    if not eps:
-        return None
-    return "robust_acc_eps_extra", f"robust accuracy at {', '.join(sorted(eps))}/255 (%)"
+def _extra_eps(points: Sequence[Point]) -> str | None:
+    """The final evaluation's second radius (eval.final_eps_extra), e.g. '16/255', when the runs have it."""
+    eps = {fmt_value(r.final.get("eps_extra")) for p in points for r in p.runs if EXTRA_KEY in r.final}
+    return f"{', '.join(sorted(eps))}/255" if eps else None
 
 
 def _loss_findings(points: Sequence[Point]) -> list[str]:
@@ -185,7 +184,7 @@ def _loss_findings(points: Sequence[Point]) -> list[str]:
         line = [p for p in points if p.lr == lr]
         extra = _extra_eps(line)
         out += _spread(line, f"lr = {num(lr)}", lambda p: f"`{p.name()}`", "(loss, weight) points", "",
-                       ACC_KEYS + ((extra,) if extra else ()))
+                       ACC_KEYS + (((EXTRA_KEY, f"robust accuracy at {extra} (%)"),) if extra else ()))
         done = [(p, c, r) for p in line if (c := p.final("clean_acc")) is not None
                 and (r := p.final("robust_acc")) is not None]
         for p, c, r in done:
@@ -205,12 +204,12 @@ def _losses_compared(points: Sequence[Point]) -> list[str]:
     extra = _extra_eps(points)
     head = "| loss | alpha | beta | lr | runs | clean % initial -> final | robust % initial -> final |"
     if extra:
-        head += f" robust % at {extra[1].split(' at ')[1].split(' (')[0]}, initial -> final |"
+        head += f" robust % at {extra}, initial -> final |"
     out = [head + " status |", "|---|---|---|---|---|---|---|" + ("---|" if extra else "") + "---|"]
     for p in sorted(points, key=lambda p: (p.lr, p.loss, -1.0 if p.alpha is None else p.alpha)):
         out.append(f"| {p.loss} | {num(p.alpha)} | {num(p.beta)} | {num(p.lr)} | {len(p.runs)} | "
                    f"{_cell(p, 'clean_acc')} | {_cell(p, 'robust_acc')} | "
-                   + (f"{_cell(p, extra[0])} | " if extra else "") + f"{p.status_text() or 'finished'} |")
+                   + (f"{_cell(p, EXTRA_KEY)} | " if extra else "") + f"{p.status_text() or 'finished'} |")
     return out + ["", "**What the numbers support**", "", *_loss_findings(points), ""]
 
 

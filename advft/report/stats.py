@@ -119,10 +119,13 @@ class Point:
     beta: float | None  # None for a loss that reads no beta
     runs: tuple[Run, ...]
 
+    def weight(self) -> str:
+        """The weights the loss reads: ``α=0.1``, ``β=1`` ('' for none)."""
+        return " ".join(f"{sym}={v:g}" for sym, v in (("α", self.alpha), ("β", self.beta)) if v is not None)
+
     def name(self) -> str:
         """The loss with the weights it reads: ``fare α=0.1``, ``trades β=1``."""
-        parts = [self.loss] + [f"{sym}={v:g}" for sym, v in (("α", self.alpha), ("β", self.beta)) if v is not None]
-        return " ".join(parts)
+        return f"{self.loss} {self.weight()}".rstrip()
 
     def counts(self) -> dict[str, int]:
         return {s: sum(r.status == s for r in self.runs) for s in STATUSES if any(r.status == s for r in self.runs)}
